@@ -1,0 +1,157 @@
+"""The one place that defines every configuration key and its default.
+
+Config files in `configs/` start from `base_config()` and change what their stage needs, so an
+unknown key (a typo on the command line) is always an error (`lock_config=True`). Defaults are the
+paper's values (NAS, arXiv 2412.10029) with ALBEF's where the paper is silent.
+
+Sections:
+  model   architecture and numerics (ViT-B/16 + BERT-base split 6/6, visual dictionary)
+  itc     contrastive loss: queues, momentum encoders, distillation
+  mlm     masked language modelling
+  itm     fine-grained image-text matching and its negatives
+  nva     negative visual augmentation (stage 2)
+  optim   AdamW with warm-up + cosine
+  data    input pipeline
+  mesh    device mesh ('data', 'fsdp')
+  eval / checkpoint / logging
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def vit_b16(image_size: int = 256) -> ml_collections.ConfigDict:
+  """DeiT-B/16 as ALBEF uses it."""
+  return ml_collections.ConfigDict(dict(
+      image_size=image_size,
+      patch_size=16,
+      hidden_size=768,
+      num_layers=12,
+      num_heads=12,
+      mlp_dim=3072,
+      layer_norm_eps=1e-6,
+  ))
+
+
+def bert_base() -> ml_collections.ConfigDict:
+  """bert-base-uncased with ALBEF's split: layers [0, fusion_layer) text, the rest fusion."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=30522,
+      hidden_size=768,
+      num_layers=12,
+      fusion_layer=6,
+      num_heads=12,
+      intermediate_size=3072,
+      max_position_embeddings=512,
+      type_vocab_size=2,
+      layer_norm_eps=1e-12,
+      hidden_dropout=0.1,
+      attention_dropout=0.1,
+      pad_token_id=0,
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stage = 1  # 1: VD, no NVA; 2: VD + NVA. Informational; the switches below decide.
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.vit = vit_b16(256)
+  c.model.bert = bert_base()
+  c.model.embed_dim = 256            # ITC projection size.
+  c.model.temp = 0.07                # Initial ITC temperature.
+  c.model.use_dictionary = True      # Fusion/ITM attends to VD tokens (NAS) or raw patches (ALBEF).
+  c.model.dictionary = ml_collections.ConfigDict(dict(
+      size=2048,          # m, number of codes.
+      momentum=0.99,      # gamma of the EMA codebook update (paper eq. 2).
+      gate=True,          # Learned quantized/continuous mix, as the authors' released code.
+      input_proj=True,    # Linear -> LayerNorm -> ReLU before quantization.
+      init='normal',      # 'normal' (paper) or 'data' (first batch's features).
+      init_std=1.0,
+  ))
+  c.model.dtype = 'float32'          # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  c.model.attention = 'xla'          # 'xla' or 'cudnn' (jax.nn.dot_product_attention).
+  c.model.vit_attention = ''         # Override for the ViT only ('' = model.attention).
+  c.model.remat = False              # Rematerialise each transformer layer.
+
+  # ---------------------------------------------------------------- objectives
+  c.itc = ml_collections.ConfigDict(dict(
+      queue_size=65536,
+      momentum=0.995,     # EMA of the momentum encoders.
+      alpha=0.4,          # Distillation weight, ramped 0 -> alpha over the first epoch.
+      alpha_warmup_steps=-1,  # -1: one epoch (derived from data.num_train_samples / batch).
+      temp_min=0.001,
+      temp_max=0.5,
+      use_id_queue=False,  # Retrieval fine-tuning: captions of the same image are positives.
+  ))
+  c.mlm = ml_collections.ConfigDict(dict(
+      enabled=True,
+      prob=0.15,
+      mask_prob=0.8,
+      random_prob=0.1,
+  ))
+  c.itm = ml_collections.ConfigDict(dict(
+      text_negatives=False,   # (I, T_fg) pairs from the batch's hard-negative captions (NTA).
+  ))
+  c.nva = ml_collections.ConfigDict(dict(
+      enabled=False,
+      ratio=0.3,
+      lam=0.5,
+      k=3,
+  ))
+  c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, mlm=1.0, itm=1.0))
+
+  # ---------------------------------------------------------------- optimisation
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4,
+      min_lr=1e-5,
+      warmup_steps=1000,
+      weight_decay=0.02,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=0.0,      # 0 = none (ALBEF uses none).
+  ))
+  c.num_epochs = 29
+  c.total_steps = -1      # -1: derived from num_epochs and data.num_train_samples.
+  c.accum_steps = 1
+  c.nonfinite = 'stop'    # 'stop' or 'skip' a step whose loss is not finite.
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict(dict(
+      source='synthetic',      # 'synthetic' | 'albef_json' | 'prepared' | 'negclip_tsv' | 'tfds'
+      paths=(),                # Files of the source (tuples: lists cannot be overridden).
+      image_root='',
+      vocab='synthetic',       # 'synthetic' or a local BERT vocab.txt / model directory.
+      batch_size=512,          # Global batch.
+      image_size=256,
+      max_text_len=25,
+      num_train_samples=-1,    # -1: the source's length.
+      num_workers=0,
+      prefetch=2,
+      randaugment=True,
+      flip_swaps_left_right=True,
+      max_error_rate=0.01,
+      synthetic=ml_collections.ConfigDict(dict(
+          num_train=100_000,
+          num_heldout=256,
+          max_objects=3,
+      )),
+  ))
+
+  # ---------------------------------------------------------------- infrastructure
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.init_from = ''           # Checkpoint dir of another stage or a converted PyTorch checkpoint.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+  c.log_every = 50
+  c.eval_every = 0           # 0: only at the end.
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=64,
+      max_text_len=40,
+      k_test=16,
+      score='itm',             # 'itm' (logit difference) or 'itc' (cosine).
+  ))
+  return c

