@@ -1,0 +1,236 @@
+"""BERT as ALBEF splits it: text encoder, fusion encoder and the MLM head, in one module.
+
+    ids ──embed──▶ layers [0, fusion_layer)          (self-attention; the text encoder, t_cls = [:, 0])
+        ──fuse───▶ layers [fusion_layer, num_layers) (self-attention → cross-attention to the image
+                                                      tokens → FFN; the fusion encoder)
+        ──mlm_logits──▶ [B, L, V]                     (dense → GELU → LN → decoder tied to the word
+                                                      embeddings + bias)
+
+Post-norm layers exactly as HF/ALBEF's `BertLayer`: each sub-block is
+`LayerNorm(x + Dropout(Dense(sub(x))))`. Dropout (`hidden_dropout`, and `attention_dropout` on the
+attention probabilities) is active only with `train=True` and draws from the 'dropout' rng stream.
+Parameter names follow the HF checkpoint layout so conversion is a rename (`nas_jax/convert.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nas_jax.models.attention import MultiHeadAttention
+
+_normal = nn.initializers.normal(stddev=0.02)  # BERT's initializer_range.
+
+
+def _layer_norm(config):
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32)
+
+
+class DenseResidualNorm(nn.Module):
+  """HF's BertSelfOutput / BertOutput: LayerNorm(residual + Dropout(Dense(x)))."""
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_normal)
+    self.LayerNorm = _layer_norm(self.config)
+    self.dropout = nn.Dropout(self.config.hidden_dropout)
+
+  def __call__(self, x, residual, deterministic: bool):
+    x = self.dropout(self.dense(x), deterministic=deterministic)
+    return self.LayerNorm(x.astype(jnp.float32) + residual)
+
+
+class BertAttention(MultiHeadAttention):
+  """Self- or cross-attention block: 'query', 'key', 'value' and 'output' {'dense', 'LayerNorm'}."""
+  config: ml_collections.ConfigDict = None
+
+  def setup(self):
+    super().setup()
+    self.output = DenseResidualNorm(self.config, dtype=self.dtype)
+
+  def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True):
+    """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk]."""
+    x = self.attend(hidden, context, key_mask=key_mask, deterministic=deterministic)
+    return self.output(x, hidden, deterministic)
+
+
+class Intermediate(nn.Module):
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.dense = nn.Dense(self.config.intermediate_size, dtype=self.dtype, kernel_init=_normal)
+
+  def __call__(self, x):
+    return nn.gelu(self.dense(x), approximate=False)
+
+
+class BertLayer(nn.Module):
+  """One encoder layer; with `cross_attention` a fusion layer (ALBEF's layers >= fusion_layer)."""
+  config: ml_collections.ConfigDict
+  cross_attention: bool = False
+  dtype: Any = jnp.float32
+  attention: str = "xla"
+
+  def setup(self):
+    c = self.config
+    make = functools.partial(
+        BertAttention, num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
+        implementation=self.attention, dropout_rate=c.attention_dropout, fused_qkv=False,
+        out_proj=False, kernel_init=_normal, config=c)
+    self.attention_block = make(name="attention")
+    if self.cross_attention:
+      self.crossattention = make()
+    self.intermediate = Intermediate(c, dtype=self.dtype)
+    self.output = DenseResidualNorm(c, dtype=self.dtype)
+
+  def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True):
+    """hidden [B, L, D] float32; mask [B, L]; image_tokens [B, Ni, Dv]; image_mask [B, Ni] or None."""
+    x = self.attention_block(hidden, key_mask=mask, deterministic=deterministic)
+    if self.cross_attention:
+      x = self.crossattention(x, image_tokens, key_mask=image_mask, deterministic=deterministic)
+    return self.output(self.intermediate(x), x, deterministic)
+
+
+class BertEmbeddings(nn.Module):
+  """word + position + token_type(0) → LayerNorm → Dropout."""
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=jnp.float32,
+                              embedding_init=_normal)
+    self.word_embeddings = embed(c.vocab_size)
+    self.position_embeddings = embed(c.max_position_embeddings)
+    self.token_type_embeddings = embed(c.type_vocab_size)
+    self.LayerNorm = _layer_norm(c)
+    self.dropout = nn.Dropout(c.hidden_dropout)
+
+  def __call__(self, ids, deterministic: bool):
+    length = ids.shape[1]
+    if length > self.config.max_position_embeddings:
+      raise ValueError(f"text length {length} exceeds bert.max_position_embeddings="
+                       f"{self.config.max_position_embeddings}")
+    x = (self.word_embeddings(ids) + self.position_embeddings(jnp.arange(length))[None]
+         + self.token_type_embeddings(jnp.zeros_like(ids)))
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+
+class PredictionTransform(nn.Module):
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_normal)
+    self.LayerNorm = _layer_norm(self.config)
+
+  def __call__(self, x):
+    return self.LayerNorm(nn.gelu(self.dense(x), approximate=False).astype(jnp.float32))
+
+
+class LMPredictionHead(nn.Module):
+  """transform + decoder tied to the word embeddings + 'bias' [V]."""
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.transform = PredictionTransform(self.config, dtype=self.dtype)
+    self.bias = self.param("bias", nn.initializers.zeros, (self.config.vocab_size,))
+
+  def __call__(self, hidden, word_embeddings):
+    """hidden [B, L, D], word_embeddings [V, D] → float32 logits [B, L, V]."""
+    x = self.transform(hidden).astype(self.dtype)
+    logits = jnp.einsum("bld,vd->blv", x, word_embeddings.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + self.bias
+
+
+class MLMHead(nn.Module):
+  """HF's `cls` module: holds 'predictions'."""
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.predictions = LMPredictionHead(self.config, dtype=self.dtype)
+
+  def __call__(self, hidden, word_embeddings):
+    return self.predictions(hidden, word_embeddings)
+
+
+class BertModel(nn.Module):
+  """Text encoder + fusion encoder + MLM head.
+
+  Attributes:
+    config: `config.model.bert` (vocab_size, hidden_size, num_layers, fusion_layer, num_heads,
+      intermediate_size, max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_dropout,
+      attention_dropout, pad_token_id). `fusion_layer = num_layers` gives a plain text BERT.
+    dtype: compute dtype; params, LayerNorms, softmax and MLM logits stay float32.
+    attention: 'xla' or 'cudnn' (see models/attention.py; cuDNN has no attention dropout).
+    remat: rematerialise each layer in the backward pass.
+
+  Masks are int/bool [B, L] with 1 on real tokens. Hidden states returned are float32.
+  """
+  config: ml_collections.ConfigDict
+  dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    if not 0 <= c.fusion_layer <= c.num_layers:
+      raise ValueError(f"bert.fusion_layer={c.fusion_layer} must lie in [0, num_layers="
+                       f"{c.num_layers}]")
+    self.embeddings = BertEmbeddings(c, dtype=self.dtype)
+    layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
+    self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
+                        attention=self.attention) for i in range(c.num_layers)]
+    self.cls = MLMHead(c, dtype=self.dtype)
+
+  def embed(self, ids: jax.Array, *, train: bool = False) -> jax.Array:
+    """ids int [B, L] → [B, L, D] embeddings (after LayerNorm and dropout)."""
+    return self.embeddings(ids, deterministic=not train)
+
+  def text(self, ids: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
+    """Text encoder: ids, mask [B, L] → [B, L, D] after layer fusion_layer − 1 (t_cls = [:, 0])."""
+    x = self.embed(ids, train=train)
+    for layer in self.layer[:self.config.fusion_layer]:
+      x = layer(x, mask, None, None, not train)
+    return x
+
+  def fuse(self, hidden: jax.Array, mask: jax.Array, image_tokens: jax.Array,
+           image_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    """Fusion encoder.
+
+    Args:
+      hidden: [B, L, D] text-encoder output.
+      mask: [B, L] text padding mask.
+      image_tokens: [B, Ni, Dv] image tokens attended to by cross-attention (continuous ViT tokens,
+        or NAS's dictionary tokens).
+      image_mask: optional [B, Ni], 1 = attend; None attends to all.
+      train: enables dropout.
+
+    Returns:
+      [B, L, D] float32; [:, 0] feeds the ITM head.
+    """
+    x = hidden
+    for layer in self.layer[self.config.fusion_layer:]:
+      x = layer(x, mask, image_tokens, image_mask, not train)
+    return x
+
+  def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, L, D] → float32 [B, L, V] (decoder weight = word embeddings)."""
+    return self.cls(hidden, self.embeddings.word_embeddings.embedding)
+
+  def __call__(self, ids, mask, image_tokens, *, train: bool = False) -> jax.Array:
+    """text then fuse; also creates every parameter (including the MLM head) at init."""
+    x = self.fuse(self.text(ids, mask, train=train), mask, image_tokens, train=train)
+    if self.is_initializing():
+      self.mlm_logits(x[:, :1])
+    return x
