@@ -1,0 +1,258 @@
+"""The visual dictionary (VD): quantise ViT patch features against a codebook (NAS paper, sec. 3).
+
+Pipeline for the patch tokens `v_1..v_N` (not the CLS) of each image:
+
+  f_i = ReLU(LayerNorm(Linear(v_i)))                    input projection (switchable)
+  h_i = argmin_j ||f_i - d_j||^2                        nearest code (eq. 1)
+  q_i = f_i + sg[d_{h_i} - f_i]                         straight-through estimator
+  d_j <- g d_j + (1 - g) mean{f_i : h_i = j}            EMA update, codes with n_j > 0 only (eq. 2)
+  e_i = Linear(q_i)
+  x_i = w_q e_i + w_f f_i,  (w_q, w_f) = softmax(ReLU(LayerNorm(Linear_{2c->2}([e_i; f_i]))))
+  tokens_i = LayerNorm(x_i + pos_i)                     pos: fixed 2-D sine/cosine embedding
+
+The gate follows the authors' released code (`SimpleVDforPreGate`): its input is the concatenation
+of the *linearly mapped* quantised feature and the continuous feature; `gate=False` keeps only the
+quantised path (`x_i = e_i`). The authors' code names, for checkpoint conversion:
+
+  linear.0 -> in_dense   linear.1 -> in_norm   pos_line -> out_dense
+  gate_fc.0 -> gate_dense   gate_fc.1 -> gate_norm   ln -> norm   vq.embed -> batch_stats/codebook
+
+The codebook lives in the Flax collection `batch_stats` (float32), never in `params`: the optimizer
+does not see it, and it changes only through eq. 2 when `quantize(..., update=True)` runs under
+`apply(..., mutable=['batch_stats'])`. Its statistics (`segment_sum` over all B*N tokens) are
+over the global batch: under `jax.jit` with a batch-sharded input XLA inserts the all-reduce.
+
+Choices where the paper is silent (recorded here, switchable where it matters):
+  * gamma (`momentum`) defaults to 0.99, the authors' `max_decay`. Their code ramps the decay from
+    0.4 to 0.99 over training and uses a Laplace-smoothed VQ-VAE EMA; we implement eq. 2 exactly.
+  * `init='normal'`: codebook ~ N(0, init_std^2) as the paper (and `nn.init.normal_` upstream).
+    `init='data'`: the first update first overwrites the codebook with the batch's features (see
+    `_data_init`), then assigns against it and applies eq. 2, so no step sees the random codebook.
+  * Distances use `precision=HIGHEST` so the argmin is the true nearest code on GPUs/TPUs too
+    (TF32/bf16 passes would otherwise flip near-ties).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> Array:
+  """Fixed 2-D sine/cosine position embedding, [h*w, dim] float32 (row-major over the grid).
+
+  As the authors' `position_encoding_sine` (DETR-style): the row and column of each patch are
+  normalised to (0, 2*pi] as `(index + 1) / size * 2*pi`; the first dim/2 channels encode the row,
+  the last dim/2 the column, each as interleaved [sin(p/t_0), cos(p/t_0), sin(p/t_1), ...] with
+  t_k = 10000^(2k / (dim/2)).
+  """
+  h, w = grid
+  if dim % 4:
+    raise ValueError(f"VisualDictionary dim={dim}: the 2-D position embedding needs dim % 4 == 0")
+  half = dim // 2
+  eps = 1e-6
+  y = (jnp.arange(1, h + 1, dtype=jnp.float32) / (h + eps)) * 2 * math.pi
+  x = (jnp.arange(1, w + 1, dtype=jnp.float32) / (w + eps)) * 2 * math.pi
+  dim_t = 10000.0 ** (2 * (jnp.arange(half) // 2) / half)
+
+  def encode(p):  # [s] -> [s, half]
+    a = p[:, None] / dim_t
+    return jnp.stack([jnp.sin(a[:, 0::2]), jnp.cos(a[:, 1::2])], axis=-1).reshape(p.shape[0], half)
+
+  py = jnp.broadcast_to(encode(y)[:, None, :], (h, w, half))
+  px = jnp.broadcast_to(encode(x)[None, :, :], (h, w, half))
+  return jnp.concatenate([py, px], axis=-1).reshape(h * w, dim)
+
+
+def pairwise_sq_dist(a: Array, b: Array) -> Array:
+  """||a_i - b_j||^2 as ||a||^2 - 2 a.b + ||b||^2, float32: a [P, C], b [m, C] -> [P, m]."""
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  ab = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(a * a, -1, keepdims=True) - 2.0 * ab + jnp.sum(b * b, -1)[None, :]
+
+
+def code_usage(codes: Array, size: int) -> tuple[Array, Array, Array]:
+  """Counts n_j [m] (float32), perplexity exp(-sum p log p) with p = n/sum(n), used codes (int32)."""
+  flat = codes.reshape(-1)
+  counts = jax.ops.segment_sum(jnp.ones(flat.shape, jnp.float32), flat, num_segments=size)
+  p = counts / jnp.maximum(counts.sum(), 1.0)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return counts, jnp.exp(entropy), jnp.sum(counts > 0).astype(jnp.int32)
+
+
+def ema_update(codebook: Array, feats: Array, codes: Array, momentum: float) -> Array:
+  """Paper eq. 2: d_j <- g d_j + (1-g) mean{f_i : h_i = j} for codes with n_j > 0; others unchanged.
+
+  codebook [m, C] float32, feats [P, C], codes int [P]. Statistics by `segment_sum` (no one-hot).
+  """
+  m = codebook.shape[0]
+  feats = jax.lax.stop_gradient(feats).astype(jnp.float32)
+  counts = jax.ops.segment_sum(jnp.ones(codes.shape, jnp.float32), codes, num_segments=m)
+  sums = jax.ops.segment_sum(feats, codes, num_segments=m)
+  mean = sums / jnp.maximum(counts, 1.0)[:, None]
+  updated = momentum * codebook + (1.0 - momentum) * mean
+  return jnp.where((counts > 0)[:, None], updated, codebook)
+
+
+def _data_init(feats: Array, size: int, std: float) -> Array:
+  """Codebook [m, C] from a batch's features [P, C] (init='data').
+
+  Row j is feature floor(j * P / m): evenly strided over the flattened (image, patch) order, so
+  every image contributes. When P < m rows repeat; repeated rows get a fixed-key N(0, (1e-3 std)^2)
+  jitter (std = the features' standard deviation) so no two codes are identical.
+  """
+  p = feats.shape[0]
+  idx = (jnp.arange(size) * p) // size
+  rows = feats[idx].astype(jnp.float32)
+  if p < size:
+    repeated = jnp.concatenate([jnp.zeros((1,), bool), idx[1:] == idx[:-1]])
+    jitter = jax.random.normal(jax.random.PRNGKey(0), rows.shape, jnp.float32)
+    scale = 1e-3 * jnp.maximum(jnp.std(feats.astype(jnp.float32)), 1e-6)
+    rows = rows + jnp.where(repeated[:, None], scale * jitter, 0.0)
+  return rows
+
+
+class VisualDictionary(nn.Module):
+  """Visual dictionary. Patches [B, N, C_in] -> tokens [B, N, dim] and an aux dict.
+
+  Attributes:
+    size: m, number of codes (2048).
+    dim: c, the code width and output width (768).
+    momentum: gamma of eq. 2.
+    gate: learned mix of quantised and continuous features (authors' code); False: quantised only.
+    input_proj: Linear -> LayerNorm -> ReLU before quantisation; False: f = patches (needs
+      C_in == dim).
+    init: 'normal' or 'data' (see module docstring).
+    init_std: standard deviation of the 'normal' codebook.
+    dtype: compute dtype of the Linear layers (statistics, distances and LayerNorms are float32).
+    grid: patch grid (h, w) for the position embedding; None: square, h = w = sqrt(N).
+
+  Note: the field `init` (named as the config key `model.dictionary.init`) shadows `Module.init`
+  on this class. Inside a parent module nothing changes; to initialise a VisualDictionary on its
+  own call `nn.Module.init(vd, rng, patches)`.
+  """
+  size: int = 2048
+  dim: int = 768
+  momentum: float = 0.99
+  gate: bool = True
+  input_proj: bool = True
+  init: str = 'normal'
+  init_std: float = 1.0
+  dtype: Any = jnp.float32
+  grid: tuple[int, int] | None = None
+
+  def setup(self):
+    if self.init not in ('normal', 'data'):
+      raise ValueError(f"model.dictionary.init={self.init!r}: use 'normal' or 'data'")
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
+                                     kernel_init=nn.initializers.xavier_normal())
+    if self.input_proj:
+      self.in_dense = dense(self.dim, 'in_dense')
+      self.in_norm = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name='in_norm')
+    self.out_dense = dense(self.dim, 'out_dense')
+    if self.gate:
+      self.gate_dense = dense(2, 'gate_dense')
+      self.gate_norm = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name='gate_norm')
+    self.norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')
+    self.code_var = self.variable(
+        'batch_stats', 'codebook',
+        lambda: self.init_std * jax.random.normal(self.make_rng('params'), (self.size, self.dim),
+                                                  jnp.float32))
+    if self.init == 'data':
+      self.ready_var = self.variable('batch_stats', 'initialized', lambda: jnp.zeros((), jnp.bool_))
+
+  def codebook(self) -> Array:
+    """The current codebook, [m, dim] float32."""
+    return self.code_var.value
+
+  def project(self, patches: Array) -> Array:
+    """Input projection f = ReLU(LayerNorm(Linear(v))) (or identity), float32 [B, N, dim]."""
+    if not self.input_proj:
+      if patches.shape[-1] != self.dim:
+        raise ValueError(f"VisualDictionary(input_proj=False) needs patch width == dim={self.dim}, "
+                         f"got {patches.shape[-1]}: enable model.dictionary.input_proj")
+      return patches.astype(jnp.float32)
+    return nn.relu(self.in_norm(self.in_dense(patches).astype(jnp.float32)))
+
+  def quantize(self, patches: Array, *, update: bool) -> dict[str, Array]:
+    """Nearest-code assignment (eq. 1), straight-through, and optionally the EMA update (eq. 2).
+
+    Args:
+      patches: [B, N, C_in] patch tokens v_1..v_N (no CLS).
+      update: apply eq. 2 (and the 'data' initialisation) to `batch_stats/codebook`; needs
+        `mutable=['batch_stats']`. Ignored while the module is initialising.
+    Returns:
+      f [B, N, dim] float32 continuous features; q [B, N, dim] float32 straight-through quantised
+      features (value d_{h_i}, gradient identity to f); codes int32 [B, N]; perplexity (scalar) and
+      used_codes (int32 scalar) of this batch's code usage; commit_dist: mean ||f_i - d_{h_i}||^2.
+      All computed against the codebook *before* this call's update.
+    """
+    b, n, _ = patches.shape
+    f = self.project(patches)
+    flat = f.reshape(b * n, self.dim)
+    codebook = self.code_var.value
+    do_update = update and not self.is_initializing()
+    if do_update and not self.is_mutable_collection('batch_stats'):
+      raise ValueError("VisualDictionary.quantize(update=True) needs "
+                       "apply(..., mutable=['batch_stats'])")
+    if do_update and self.init == 'data':
+      fresh = _data_init(jax.lax.stop_gradient(flat), self.size, self.init_std)
+      codebook = jnp.where(self.ready_var.value, codebook, fresh)
+      self.ready_var.value = jnp.ones((), jnp.bool_)
+
+    dist = pairwise_sq_dist(jax.lax.stop_gradient(flat), codebook)       # [B*N, m]
+    codes = jnp.argmin(dist, axis=-1).astype(jnp.int32)
+    nearest = jnp.take(codebook, codes, axis=0)                          # [B*N, dim]
+    q = flat + jax.lax.stop_gradient(nearest - flat)
+    _, perplexity, used = code_usage(codes, self.size)
+    commit = jnp.mean(jnp.sum(jnp.square(jax.lax.stop_gradient(flat) - nearest), -1))
+
+    if do_update:
+      self.code_var.value = ema_update(codebook, flat, codes, self.momentum)
+    return dict(f=f, q=q.reshape(b, n, self.dim), codes=codes.reshape(b, n),
+                perplexity=perplexity, used_codes=used, commit_dist=commit)
+
+  def embed(self, q: Array, f: Array, *, gate_q: Array | None = None) -> Array:
+    """Post-quantisation tokens [B, N, dim] (in `dtype`): Linear, gate, + 2-D position, LayerNorm.
+
+    Args:
+      q: [B, N, dim] quantised features (e.g. `quantize()['q']`, or codebook rows for an NVA
+        negative).
+      f: [B, N, dim] continuous features mixed in by the gate.
+      gate_q: optional [B, N, dim]: compute the gate weights from [Linear(gate_q); f] instead of
+        [Linear(q); f]. The authors' NVA negative reuses the positive's gate weights
+        (gate_q = the positive's q) while mixing the replacement code with the original f.
+    """
+    _, n, _ = q.shape
+    e = self.out_dense(q)
+    if self.gate:
+      g_in = e if gate_q is None else self.out_dense(gate_q)
+      logits = self.gate_dense(jnp.concatenate([g_in, f.astype(g_in.dtype)], axis=-1))
+      w = jax.nn.softmax(nn.relu(self.gate_norm(logits.astype(jnp.float32))), axis=-1)
+      x = w[..., :1] * e.astype(jnp.float32) + w[..., 1:] * f.astype(jnp.float32)
+    else:
+      x = e.astype(jnp.float32)
+    x = x + sincos_2d(self._grid(n), self.dim)[None]
+    return self.norm(x)
+
+  def _grid(self, n: int) -> tuple[int, int]:
+    if self.grid is not None:
+      if self.grid[0] * self.grid[1] != n:
+        raise ValueError(f"VisualDictionary grid={self.grid} does not match {n} patches")
+      return tuple(self.grid)
+    side = math.isqrt(n)
+    if side * side != n:
+      raise ValueError(f"VisualDictionary got {n} patches, not a square grid: set grid=(h, w)")
+    return side, side
+
+  def __call__(self, patches: Array, *, update: bool = False) -> tuple[Array, dict[str, Array]]:
+    """tokens [B, N, dim] = embed(q, f) and the aux dict of `quantize`."""
+    aux = self.quantize(patches, update=update)
+    return self.embed(aux['q'], aux['f']), aux
