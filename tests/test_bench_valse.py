@@ -1,0 +1,127 @@
+"""VALSE reader, validity filter, acc_r, columns and averages; reference scores of ALBEF-4M."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nas_jax.benchmarks import common, valse
+
+# Valid records (mturk.caption >= 2) per sample file, counted by hand from the sample JSONs.
+SAMPLE_VALID = {'existence': 9, 'plurals': 11, 'counting-hard': 8, 'counting-small-quant': 8,
+                'counting-adversarial': 8, 'relations': 10, 'action-replacement': 9,
+                'actant-swap': 9, 'coreference-standard': 6, 'coreference-hard': 9, 'foil-it': 9}
+
+
+def _valse_dir(samples_dir, tmp_path):
+  """The 11 sample files under their official names (links, read in place) + generated images."""
+  root = tmp_path / 'valse'
+  (root / 'images').mkdir(parents=True)
+  for stem in valse.STEMS:
+    src = samples_dir / 'VALSE' / f'{stem}.sample.json'
+    os.symlink(src, root / f'{stem}.json')
+    for r in json.loads(src.read_text()).values():
+      Image.new('RGB', (8, 6), (len(r['image_file']) * 9 % 256, 0, 0)).save(root / 'images' / r['image_file'])
+  return root
+
+
+def _records(samples_dir, stem):
+  return json.loads((samples_dir / 'VALSE' / f'{stem}.sample.json').read_text())
+
+
+def test_reader_keeps_only_valid_records(samples_dir):
+  for stem, n_valid in SAMPLE_VALID.items():
+    pairs, n = valse.read_file(str(samples_dir / 'VALSE' / f'{stem}.sample.json'))
+    assert len(pairs) == n_valid, stem
+    assert n == len(_records(samples_dir, stem))
+  pairs, _ = valse.read_file(str(samples_dir / 'VALSE' / 'actant-swap.sample.json'))
+  ids = [p.id for p in pairs]
+  assert 'actions_test_3' not in ids and 'actions_test_28' not in ids  # mturk.caption == 1
+  assert ids[:3] == ['actions_test_0', 'actions_test_1', 'actions_test_2']
+  assert pairs[0] == valse.Pair('actions_test_0', 'exercising_255.jpg', 'A man exercises his torso.',
+                                'A torso exercises for a man.')
+
+
+def test_fixture_accuracies_columns_averages(samples_dir, tmp_path):
+  """Caption scores 1.0; in every file the first 5 valid foils score 0 (right), the 6th ties at
+  1.0 (wrong: strict >), the rest 2.0 (wrong). So correct = 5 in every file."""
+  root = _valse_dir(samples_dir, tmp_path)
+  table = {}
+  for stem in valse.STEMS:
+    valid = [r for r in _records(samples_dir, stem).values() if r['mturk']['caption'] >= 2]
+    for k, r in enumerate(valid):
+      ref = common.ImageRef(str(root / 'images' / r['image_file']))
+      cap, foil = (common.albef_pre_caption(r[t], 40) for t in ('caption', 'foil'))
+      foil_score = 0.0 if k < 5 else 1.0 if k == 5 else 2.0
+      for key, v in (((ref, cap), 1.0), ((ref, foil), foil_score)):
+        assert table.get(key, v) == v, f'fixture conflict on {key}'
+        table[key] = v
+  scorer = common.TableScorer(table, load_images=True)  # Invalid records are not in the table.
+  res = valse.evaluate(str(root), scorer)
+  assert scorer.calls == [('itm', 2 * sum(SAMPLE_VALID.values()))]  # One batched call.
+  acc = {s: 100 * 5 / n for s, n in SAMPLE_VALID.items()}
+  for s in valse.STEMS:
+    assert res.details['acc_r'][s] == pytest.approx(acc[s])
+    assert res.details['correct'][s] == 5 and res.details['valid'][s] == SAMPLE_VALID[s]
+  h = res.headline
+  assert h['Existence'] == pytest.approx(500 / 9)
+  assert h['Counting'] == pytest.approx((500 / 8 + 500 / 8 + 500 / 8) / 3)
+  assert h['Action'] == pytest.approx((500 / 9 + 500 / 9) / 2)
+  assert h['Coreference'] == pytest.approx((500 / 6 + 500 / 9) / 2)
+  assert h['Avg'] == pytest.approx(np.mean(list(acc.values())))
+  assert h['Pooled'] == pytest.approx(100 * 55 / sum(SAMPLE_VALID.values()))
+  assert h['Avg 7-col'] == pytest.approx(np.mean([h[p] for p in valse.PIECES]))
+  assert list(h) == list(valse.PIECES) + ['Avg', 'Avg 7-col', 'Pooled']
+  # Binary decisions: every caption has l1 - l0 = 1 > 0; foils <= 0 only for the first 5.
+  assert res.details['binary']['existence']['p_c'] == 100.0
+  assert res.details['binary']['existence']['p_f'] == pytest.approx(500 / 9)
+
+
+def test_albef_reference_scores(samples_dir, tmp_path):
+  """Bugliarello et al.'s ALBEF-4M scores: the 40-line sample holds 20 valid actant-swap pairs;
+  13 captions beat their foils (by hand) -> 65.00. Ids 0-9 are the sample file's first 10 records
+  (id 3 is invalid, so it has no score): 5 of those 9 are right -> 55.56 through `evaluate`."""
+  path = samples_dir / 'reference_outputs' / 'valse_albef_4m_itm.scores.sample.jsonl'
+  counts = valse.counts_from_score_file(str(path))
+  assert counts == {'actant-swap': (13, 20)}
+  assert valse.summarize(counts)[1]['acc_r']['actant-swap'] == 65.0
+
+  ref = {}
+  for line in path.read_text().splitlines():
+    r = json.loads(line)
+    ref[(r['id'], r['type'])] = r['score']
+  root = _valse_dir(samples_dir, tmp_path)
+  table = {}
+  for idx, r in enumerate(_records(samples_dir, 'actant-swap').values()):
+    if idx < 10 and (idx, 'caption') in ref:
+      img = common.ImageRef(str(root / 'images' / r['image_file']))
+      table[(img, common.albef_pre_caption(r['caption'], 40))] = ref[(idx, 'caption')]
+      table[(img, common.albef_pre_caption(r['foil'], 40))] = ref[(idx, 'foil')]
+  assert {i for i, _ in ref if i < 10} == {0, 1, 2, 4, 5, 6, 7, 8, 9}
+  res = valse.evaluate(str(root), common.TableScorer(table), stems=('actant-swap',))
+  assert res.details['correct'] == {'actant-swap': 5}
+  assert res.details['acc_r']['actant-swap'] == pytest.approx(500 / 9)
+  assert res.headline == {}  # One file: no full column or average.
+
+
+def test_published_albef_summary():
+  """FORMATS.md §8: ALBEF-4M correct/valid counts -> the published columns and averages."""
+  counts = {'existence': (360, 505), 'plurals': (671, 851), 'counting-hard': (540, 868),
+            'counting-small-quant': (586, 900), 'counting-adversarial': (413, 691),
+            'relations': (391, 535), 'action-replacement': (477, 648), 'actant-swap': (554, 949),
+            'coreference-standard': (371, 708), 'coreference-hard': (58, 104), 'foil-it': (901, 943)}
+  h, _ = valse.summarize(counts)
+  expect = {'Existence': 71.29, 'Plurality': 78.85, 'Counting': 62.36, 'Sp.rel.': 73.08,
+            'Action': 65.99, 'Coreference': 54.09, 'Foil-it!': 95.55, 'Avg': 67.82,
+            'Pooled': 69.10, 'Avg 7-col': 71.60}
+  assert {k: round(v, 2) for k, v in h.items()} == expect
+
+
+def test_missing_data_error_names_benchmark_file_and_source(tmp_path):
+  with pytest.raises(common.BenchmarkDataError) as e:
+    valse.evaluate(str(tmp_path / 'valse'), common.TableScorer())
+  msg = str(e.value)
+  assert '[valse]' in msg and str(tmp_path / 'valse' / 'existence.json') in msg
+  assert 'Heidelberg-NLP/VALSE' in msg
