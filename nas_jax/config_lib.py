@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 29
   c.total_steps = -1      # -1: derived from num_epochs and data.num_train_samples.
   c.accum_steps = 1
+  c.stage2_steps = 0      # >0: continue with a stage-2 (NVA) run of this many steps in <workdir>/stage2.
   c.nonfinite = 'stop'    # 'stop' or 'skip' a step whose loss is not finite.
 
   # ---------------------------------------------------------------- data
@@ -135,6 +136,14 @@ def base_config() -> ml_collections.ConfigDict:
       randaugment=True,
       flip_swaps_left_right=True,
       max_error_rate=0.01,
+      error_rate_min_records=1000,  # Records read before the error rate is checked.
+      augment='auto',          # 'auto' (synthetic: 'flip', else 'full') | 'full' | 'flip' | 'none'.
+      crop_scale_min=0.2,      # RandomResizedCrop area range (ALBEF: 0.2 pretrain, 0.5 retrieval).
+      max_words=30,            # pre_caption word limit.
+      read_threads=8,          # grain threads per process/worker (PIL decodes without the GIL).
+      tfds=ml_collections.ConfigDict(dict(
+          name='', data_dir='', image_key='image', caption_key='captions/text',
+          id_key='image/id')),
       synthetic=ml_collections.ConfigDict(dict(
           num_train=100_000,
           num_heldout=256,
@@ -149,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 0           # 0: only at the end.
   c.eval = ml_collections.ConfigDict(dict(
+      enabled=True,
       batch_size=64,
       max_text_len=40,
       k_test=16,
