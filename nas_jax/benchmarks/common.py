@@ -233,8 +233,9 @@ class BenchResult:
 class TableScorer(ScorerBase):
   """Replays fixed scores: for tests, and for re-scoring saved model outputs with our metrics.
 
-  itm: {(ImageRef, text): value}, value = the logit difference l1 - l0 (logits [0, value]) or a pair
-  (l0, l1). A pair not in the table raises KeyError naming it. itc_image / itc_text: {ImageRef: [D]},
+  itm: {(ImageRef, text): value} or a function (ImageRef, text) -> value; value = the logit
+  difference l1 - l0 (logits [0, value]) or a pair (l0, l1). A pair not in the table raises KeyError
+  naming it. itc_image / itc_text: {ImageRef: [D]},
   {text: [D]} (normalised here). With `load_images`, every image is opened (and cropped) once, and
   its size recorded in `image_sizes`, so tests also exercise the files. `calls` counts pairs per call.
   """
@@ -257,9 +258,12 @@ class TableScorer(ScorerBase):
     self._touch(images)
     out = np.zeros((len(images), 2), np.float32)
     for p, key in enumerate(zip(images, texts)):
-      if key not in self.itm:
+      if callable(self.itm):
+        v = self.itm(*key)
+      elif key in self.itm:
+        v = self.itm[key]
+      else:
         raise KeyError(f'TableScorer has no ITM score for pair {key}')
-      v = self.itm[key]
       out[p] = v if isinstance(v, (tuple, list)) else (0.0, v)
     return out
 
