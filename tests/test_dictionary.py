@@ -114,3 +114,55 @@ def test_call_shapes_and_grid_errors(gate):
   assert not np.allclose(new['batch_stats']['codebook'], variables['batch_stats']['codebook'])
   with pytest.raises(ValueError, match='not a square grid'):
     nn.Module.init(VisualDictionary(size=8, dim=8), jax.random.PRNGKey(0), patches)
+
+
+@pytest.mark.parametrize('reuse_gate', [True, False])
+def test_negative_tokens_change_only_replaced_patches(reuse_gate):
+  vd = VisualDictionary(size=8, dim=8)
+  patches = jax.random.normal(jax.random.PRNGKey(8), (2, 4, 8))
+  variables = nn.Module.init(vd, jax.random.PRNGKey(9), patches)
+  tokens, aux = vd.apply(variables, patches)
+  replaced = jnp.array([[True, False, False, True], [False, False, False, False]])
+  new_codes = jnp.where(replaced, (aux['codes'] + 1) % 8, aux['codes'])
+  neg = vd.apply(variables, aux['q'], aux['f'], new_codes, replaced, reuse_gate=reuse_gate,
+                 method=VisualDictionary.negative_tokens)
+  np.testing.assert_array_equal(np.asarray(neg)[~np.asarray(replaced)],
+                                np.asarray(tokens)[~np.asarray(replaced)])
+  assert not np.allclose(np.asarray(neg)[np.asarray(replaced)],
+                         np.asarray(tokens)[np.asarray(replaced)], atol=1e-3)
+
+
+def test_data_init_with_fewer_features_than_codes_gives_distinct_rows():
+  vd = VisualDictionary(size=8, dim=4, momentum=1.0, input_proj=False, init='data')
+  patches = jax.random.normal(jax.random.PRNGKey(10), (1, 4, 4))
+  variables = nn.Module.init(vd, jax.random.PRNGKey(11), patches)
+  _, new = vd.apply(variables, patches, update=True, method=VisualDictionary.quantize,
+                    mutable=['batch_stats'])
+  book = np.asarray(new['batch_stats']['codebook'])
+  np.testing.assert_allclose(book[::2], np.asarray(patches)[0], rtol=1e-6)   # rows 0,0,1,1,...
+  assert len({tuple(r) for r in book.round(7)}) == 8
+
+
+def test_update_uses_the_global_batch_when_sharded():
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 (simulated) devices')
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  vd = VisualDictionary(size=16, dim=8)
+  patches = jax.random.normal(jax.random.PRNGKey(12), (8, 4, 8))
+  variables = nn.Module.init(vd, jax.random.PRNGKey(13), patches)
+  step = jax.jit(lambda v, p: vd.apply(v, p, update=True, mutable=['batch_stats']))
+  (_, aux1), new1 = step(variables, patches)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(patches, NamedSharding(mesh, P('data')))
+    (_, aux8), new8 = step(variables, sharded)
+  np.testing.assert_array_equal(aux1['codes'], aux8['codes'])
+  np.testing.assert_allclose(new8['batch_stats']['codebook'], new1['batch_stats']['codebook'],
+                             rtol=1e-6, atol=1e-6)
+  # and the update is eq. 2 over all 32 tokens, not one shard's.
+  f = np.asarray(aux1['f']).reshape(-1, 8)
+  c = np.asarray(aux1['codes']).reshape(-1)
+  book = np.array(variables['batch_stats']['codebook'])
+  for j in np.unique(c):
+    book[j] = 0.99 * book[j] + 0.01 * f[c == j].mean(0)
+  np.testing.assert_allclose(new8['batch_stats']['codebook'], book, rtol=1e-5, atol=1e-6)

@@ -242,6 +242,20 @@ class VisualDictionary(nn.Module):
     x = x + sincos_2d(self._grid(n), self.dim)[None]
     return self.norm(x)
 
+  def negative_tokens(self, q: Array, f: Array, codes: Array, replaced: Array, *,
+                      reuse_gate: bool = True) -> Array:
+    """Tokens [B, N, dim] of the NVA negative image (DESIGN.md NVA step 4), without gradient.
+
+    Replaced patches take the codebook row of their new code (`nva.negative_codes(...)['codes']`),
+    the others keep q, so their tokens equal the positive's exactly. reuse_gate=True follows the
+    authors' code: the gate weights are the positive's and the continuous feature is the original
+    f; reuse_gate=False recomputes the gate on [Linear(d_new); f].
+    """
+    q, f = jax.lax.stop_gradient(q), jax.lax.stop_gradient(f)
+    rows = jnp.take(jax.lax.stop_gradient(self.code_var.value), codes, axis=0)
+    q_neg = jnp.where(replaced[..., None], rows, q)
+    return jax.lax.stop_gradient(self.embed(q_neg, f, gate_q=q if reuse_gate else None))
+
   def _grid(self, n: int) -> tuple[int, int]:
     if self.grid is not None:
       if self.grid[0] * self.grid[1] != n:
