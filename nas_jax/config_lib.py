@@ -148,6 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
           num_train=100_000,
           num_heldout=256,
           max_objects=3,
+          p_existence=0.1,      # Train captions that are "there is (no) X" (held-out: none).
+          p_duplicate=0.3,      # An object repeats an earlier (colour, shape): counting captions.
+          p_and=0.25,           # Two single objects listed with "and" instead of related.
+          bench_per_subset=100,  # Cases per subset of the synthetic fine-grained suite.
       )),
   ))
 

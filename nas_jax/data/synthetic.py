@@ -123,8 +123,8 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
   if shape == 'square':
     return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
   if shape == 'triangle':
-    big = 1.35 * r          # Circumradius; the box is centred, so the centroid sits 0.25*big low.
-    ty = dy + 0.25 * big
+    big = 1.35 * r          # Circumradius. The box is centred: the centroid sits 0.25*big low.
+    ty = dy - 0.25 * big    # Offset from the centroid.
     return (ty <= 0.5 * big) & (ty >= np.sqrt(3.0) * np.abs(dx) - big)
   if shape == 'star':
     outer, inner, half = 1.25 * r, 0.5 * 1.25 * r, np.pi / 5
@@ -581,13 +581,211 @@ class SyntheticSource:
                 neg_captions=negs)
 
 
-def source_from_config(data_cfg, split: str = 'train', num_records: int | None = None,
-                       seed: int = 0) -> SyntheticSource:
-  """A SyntheticSource from `config.data` (uses data.image_size and data.synthetic.*)."""
-  syn = data_cfg.synthetic
-  if num_records is None:
-    num_records = syn.num_train if split == 'train' else syn.num_heldout
-  return SyntheticSource(num_records, seed=seed, split=split, image_size=data_cfg.image_size,
-                         max_objects=syn.max_objects, text_negatives=syn.get('text_negatives', True),
-                         p_existence=syn.get('p_existence', None) if split == 'train' else None,
-                         p_duplicate=syn.get('p_duplicate', 0.3), p_and=syn.get('p_and', 0.25))
+def source_kwargs(synthetic_cfg, split: str = 'train') -> dict:
+  """SyntheticSource keyword arguments from `config.data.synthetic` (max_objects, p_*).
+  Existence captions are for training only: other splits get p_existence=0 (full descriptions)."""
+  return dict(max_objects=synthetic_cfg.max_objects,
+              p_existence=synthetic_cfg.p_existence if split == 'train' else 0.0,
+              p_duplicate=synthetic_cfg.p_duplicate, p_and=synthetic_cfg.p_and)
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+BENCH_SUBSETS = ('attribute', 'relation', 'counting', 'existence', 'winoground', 'retrieval')
+PAIRWISE_SUBSETS = ('attribute', 'relation', 'counting', 'existence')
+
+
+def _two_kinds(rng: np.random.Generator, distinct_shapes: bool) -> list[tuple[str, str, str]]:
+  """Two (size, colour, shape) with different colours (and shapes if asked)."""
+  c = rng.choice(len(COLOURS), size=2, replace=False)
+  s = (rng.choice(len(SHAPES), size=2, replace=False) if distinct_shapes
+       else rng.integers(len(SHAPES), size=2))
+  z = rng.integers(2, size=2)
+  return [(SIZES[int(z[k])], COLOURS[int(c[k])], SHAPES[int(s[k])]) for k in range(2)]
+
+
+def _cells_for(rng: np.random.Generator, rel: str) -> tuple[int, int]:
+  """Two distinct cells (a, b) with `a rel b` (rejection sampling over the grid)."""
+  while True:
+    a, b = (int(k) for k in rng.choice(GRID * GRID, size=2, replace=False))
+    if relation_holds(Obj('', '', '', *divmod(a, GRID), 0, 0),
+                      rel, Obj('', '', '', *divmod(b, GRID), 0, 0)):
+      return a, b
+
+
+def _np(o: Obj, size: bool = True) -> NP:
+  return NP(o.colour, o.shape, o.size if size else None)
+
+
+def _pair_case(rng, scene, caption: Claim, foil: Claim, group: str, image_size: int) -> dict:
+  if not holds(scene, caption) or holds(scene, foil):  # Guaranteed by construction.
+    raise AssertionError(f'bad benchmark case {text(caption)!r} / {text(foil)!r} for {scene}')
+  return dict(image=render(scene, image_size), caption=text(caption), foil=text(foil),
+              group=group, scene=scene)
+
+
+def _attribute_case(rng, image_size, max_objects) -> dict:
+  """ARO VG-Attribution-like: "a small red circle and a large blue square" vs the two colours (or
+  the two sizes) exchanged."""
+  (z1, c1, s1), (z2, c2, s2) = _two_kinds(rng, distinct_shapes=True)
+  group = 'colour' if rng.random() < 0.5 else 'size'
+  if group == 'size':
+    z2 = _other(rng, SIZES, z1)
+  cells = rng.choice(GRID * GRID, size=2, replace=False)
+  scene = (_make_obj(rng, s1, c1, z1, cells[0]), _make_obj(rng, s2, c2, z2, cells[1]))
+  a, b = _np(scene[0]), _np(scene[1])
+  fa, fb = _swap_attr(a, b, group)
+  return _pair_case(rng, scene, (a, b), (fa, fb), group, image_size)
+
+
+def _relation_case(rng, image_size, max_objects) -> dict:
+  """ARO VG-Relation-like: "a X to the left of a Y" vs "a Y to the left of a X"."""
+  (z1, c1, s1), (z2, c2, s2) = _two_kinds(rng, distinct_shapes=False)
+  rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+  ca, cb = _cells_for(rng, rel)
+  scene = (_make_obj(rng, s1, c1, z1, ca), _make_obj(rng, s2, c2, z2, cb))
+  a, b = _np(scene[0]), _np(scene[1])
+  return _pair_case(rng, scene, (Rel(a, rel, b),), (Rel(b, rel, a),), rel, image_size)
+
+
+def _counting_case(rng, image_size, max_objects) -> dict:
+  """VALSE counting-like: "three red circles" vs a wrong number (1..max_objects); the scene may
+  hold other objects of other kinds."""
+  n = int(rng.integers(2, max_objects + 1))
+  wrong = _other(rng, [str(k) for k in range(1, max_objects + 1)], str(n))
+  colour, shape = _new_kind(rng, [])
+  kinds = [(colour, shape)] * n
+  for _ in range(int(rng.integers(0, max_objects - n + 1))):
+    kinds.append(_new_kind(rng, kinds))
+  cells = rng.choice(GRID * GRID, size=len(kinds), replace=False)
+  scene = tuple(_make_obj(rng, s, c, SIZES[int(rng.integers(2))], cell)
+                for (c, s), cell in zip(kinds, cells))
+  scene = tuple(scene[int(k)] for k in rng.permutation(len(scene)))
+  return _pair_case(rng, scene, (NP(colour, shape, None, n),),
+                    (NP(colour, shape, None, int(wrong)),), str(n), image_size)
+
+
+def _existence_case(rng, image_size, max_objects, positive: bool) -> dict:
+  """VALSE existence-like: "there is a X" vs "there is no X" (and the reverse for absent X)."""
+  scene = sample_scene(rng, max_objects)
+  claim = existence_claim(scene, rng, positive)
+  foil = (claim[0]._replace(positive=not positive),)
+  return _pair_case(rng, scene, claim, foil, 'present' if positive else 'absent', image_size)
+
+
+def _winoground_case(rng, image_size, tag: str) -> dict:
+  """Two scenes, two captions with the same words in a different order; caption k is true of image
+  k only. 'relation': the two objects trade places; 'attribute': they trade colours."""
+  (z1, c1, s1), (z2, c2, s2) = _two_kinds(rng, distinct_shapes=True)
+  rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+  ca, cb = _cells_for(rng, rel)
+  a0, b0 = _make_obj(rng, s1, c1, z1, ca), _make_obj(rng, s2, c2, z2, cb)
+  if tag == 'relation':
+    a1, b1 = _make_obj(rng, s1, c1, z1, cb), _make_obj(rng, s2, c2, z2, ca)
+    captions = ((Rel(_np(a0), rel, _np(b0)),), (Rel(_np(b0), rel, _np(a0)),))
+  else:
+    a1, b1 = _make_obj(rng, s1, c2, z1, ca), _make_obj(rng, s2, c1, z2, cb)
+    captions = ((Rel(_np(a0), rel, _np(b0)),), (Rel(_np(a1), rel, _np(b1)),))
+  scenes = ((a0, b0), (a1, b1))
+  texts = [text(c) for c in captions]
+  ok = (all(holds(scenes[k], captions[k]) and not holds(scenes[k], captions[1 - k])
+            for k in range(2)) and sorted(texts[0].split()) == sorted(texts[1].split()))
+  if not ok:
+    raise AssertionError(f'bad Winoground-style case {texts} for {scenes}')
+  return dict(images=np.stack([render(s, image_size) for s in scenes]), captions=texts, tag=tag,
+              scenes=scenes)
+
+
+def build_benchmark(seed: int = 0, image_size: int = 64, n_per_subset: int = 100, *,
+                    max_objects: int = 3, n_retrieval: int | None = None,
+                    subsets: Sequence[str] = BENCH_SUBSETS) -> dict[str, list[dict]]:
+  """The fine-grained synthetic suite (metrics: `nas_jax.benchmarks.synthetic.evaluate`).
+
+  Every case has its own RNG from (seed, 'bench/<subset>', index), a stream disjoint from the
+  training splits. Returns {subset: cases}:
+    attribute, relation, counting, existence (caption vs foil, one image):
+      dict(image=uint8 [H, W, 3], caption=str, foil=str, group=str, scene=Scene)
+      groups: attribute 'colour'|'size'; relation 'left'|'right'|'above'|'below'; counting the true
+      number; existence 'present' (foil "there is no X") | 'absent' (foil "there is a X").
+    winoground: dict(images=uint8 [2, H, W, 3], captions=[c0, c1], tag='relation'|'attribute',
+      scenes=(s0, s1)); caption k describes image k; both captions have the same words.
+    retrieval: dict(image, caption, scene), `n_retrieval` (default n_per_subset) held-out scenes with
+      full descriptions, all captions distinct.
+  """
+  if not 2 <= max_objects <= MAX_OBJECTS:
+    raise ValueError(f'build_benchmark: max_objects must be in 2..{MAX_OBJECTS} (counting needs 2), '
+                     f'got {max_objects}')
+  if n_per_subset < 1:
+    raise ValueError(f'build_benchmark: n_per_subset must be >= 1, got {n_per_subset}')
+  unknown = set(subsets) - set(BENCH_SUBSETS)
+  if unknown:
+    raise ValueError(f'build_benchmark: unknown subsets {sorted(unknown)}; use {BENCH_SUBSETS}')
+  bench: dict[str, list[dict]] = {}
+
+  def rng_of(name, i):
+    return record_rng(seed, f'bench/{name}', i)
+
+  makers = dict(attribute=_attribute_case, relation=_relation_case, counting=_counting_case)
+  for name in subsets:
+    if name in makers:
+      bench[name] = [makers[name](rng_of(name, i), image_size, max_objects)
+                     for i in range(n_per_subset)]
+    elif name == 'existence':
+      bench[name] = [_existence_case(rng_of(name, i), image_size, max_objects, i % 2 == 0)
+                     for i in range(n_per_subset)]
+    elif name == 'winoground':
+      bench[name] = [_winoground_case(rng_of(name, i), image_size,
+                                      'relation' if i % 2 == 0 else 'attribute')
+                     for i in range(n_per_subset)]
+    elif name == 'retrieval':
+      bench[name] = _retrieval_cases(seed, image_size, n_retrieval or n_per_subset, max_objects)
+  return bench
+
+
+def _retrieval_cases(seed: int, image_size: int, n: int, max_objects: int) -> list[dict]:
+  src = SyntheticSource(10 ** 9, seed=seed, split='bench/retrieval', image_size=image_size,
+                        max_objects=max_objects, text_negatives=False, p_existence=0.0)
+  cases, seen = [], set()
+  for i in range(100 * n):
+    scene, claim, _ = src.scene(i)
+    caption = text(claim)
+    if caption not in seen:
+      seen.add(caption)
+      cases.append(dict(image=render(scene, image_size), caption=caption, scene=scene))
+      if len(cases) == n:
+        return cases
+  raise ValueError(f'build_benchmark: could not find {n} distinct retrieval scenes with '
+                   f'max_objects={max_objects}; ask for fewer')
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _main() -> None:
+  import argparse
+  import time
+  ap = argparse.ArgumentParser(description='Print synthetic samples and the rendering speed.')
+  ap.add_argument('--image_size', type=int, default=64)
+  ap.add_argument('--max_objects', type=int, default=3)
+  ap.add_argument('--n', type=int, default=2000, help='records to time')
+  ap.add_argument('--save', default='', help='write a 4x4 grid of images to this PNG')
+  args = ap.parse_args()
+  src = SyntheticSource(args.n, image_size=args.image_size, max_objects=args.max_objects)
+  for i in range(8):
+    r = src[i]
+    print(f'{i}: {r["caption"]!r}  negatives: {r["neg_captions"]}')
+  t = time.perf_counter()
+  for i in range(args.n):
+    src[i]
+  dt = time.perf_counter() - t
+  print(f'{args.n / dt:,.0f} records/s at {args.image_size} px (render + caption + negatives, '
+        f'one core); vocabulary {vocab_size()} tokens at {vocab_file()}')
+  if args.save:
+    from PIL import Image
+    imgs = [src[i]['image'] for i in range(16)]
+    grid = np.concatenate([np.concatenate(imgs[r * 4:r * 4 + 4], 1) for r in range(4)], 0)
+    Image.fromarray(grid).save(args.save)
+    print(f'wrote {args.save}')
+
+
+if __name__ == '__main__':
+  _main()
