@@ -29,6 +29,7 @@ from PIL import Image
 
 from nas_jax.data import sources as sources_lib
 from nas_jax.data import transforms as T
+from nas_jax.data.sources import make_source  # noqa: F401 — public API: make_source(config, split)
 from nas_jax.data.text import pre_caption
 
 MAX_ATTEMPTS = 20          # Consecutive bad records before a sample gives up.
