@@ -166,3 +166,23 @@ def test_update_uses_the_global_batch_when_sharded():
   for j in np.unique(c):
     book[j] = 0.99 * book[j] + 0.01 * f[c == j].mean(0)
   np.testing.assert_allclose(new8['batch_stats']['codebook'], book, rtol=1e-5, atol=1e-6)
+
+
+def test_negative_tokens_use_the_given_codebook_and_pass_no_gradient_to_inputs():
+  vd = VisualDictionary(size=8, dim=8)
+  patches = jax.random.normal(jax.random.PRNGKey(14), (1, 4, 8))
+  variables = nn.Module.init(vd, jax.random.PRNGKey(15), patches)
+  _, aux = vd.apply(variables, patches)
+  replaced = jnp.array([[True, True, False, False]])
+  codes = jnp.zeros((1, 4), jnp.int32)
+
+  w = jax.random.normal(jax.random.PRNGKey(16), (1, 4, 8))
+
+  def f(q, f, book):   # (a sum of squares would be constant after the final LayerNorm)
+    return jnp.sum(w * vd.apply(variables, q, f, codes, replaced, codebook=book,
+                                method=VisualDictionary.negative_tokens))
+
+  book = variables['batch_stats']['codebook']
+  grads = jax.grad(f, argnums=(0, 1, 2))(aux['q'], aux['f'], book)
+  assert all(np.all(np.asarray(g) == 0) for g in grads)
+  assert not np.isclose(f(aux['q'], aux['f'], book), f(aux['q'], aux['f'], book + 1.0))

@@ -243,18 +243,24 @@ class VisualDictionary(nn.Module):
     return self.norm(x)
 
   def negative_tokens(self, q: Array, f: Array, codes: Array, replaced: Array, *,
-                      reuse_gate: bool = True) -> Array:
-    """Tokens [B, N, dim] of the NVA negative image (DESIGN.md NVA step 4), without gradient.
+                      reuse_gate: bool = True, codebook: Array | None = None) -> Array:
+    """Tokens [B, N, dim] of the NVA negative image I_fg (DESIGN.md NVA step 4).
 
     Replaced patches take the codebook row of their new code (`nva.negative_codes(...)['codes']`),
-    the others keep q, so their tokens equal the positive's exactly. reuse_gate=True follows the
-    authors' code: the gate weights are the positive's and the continuous feature is the original
-    f; reuse_gate=False recomputes the gate on [Linear(d_new); f].
+    the others keep q, so their tokens equal the positive's. reuse_gate=True follows the authors'
+    code: the gate weights are the positive's (from [Linear(q); f]) and the continuous feature
+    mixed in is the original f; reuse_gate=False recomputes the gate on [Linear(d_new); f].
+    No gradient reaches q, f or the codebook (the encoder learns nothing through the negative's
+    construction); the VD head's own parameters (Linear, gate, LayerNorm) do get the gradient of
+    whatever loss uses these tokens, as in the authors' code.
+    codebook: the [m, dim] codebook the codes index; default the current one. Pass the codebook
+    read *before* `quantize(update=True)` when called after the update in the same apply.
     """
     q, f = jax.lax.stop_gradient(q), jax.lax.stop_gradient(f)
-    rows = jnp.take(jax.lax.stop_gradient(self.code_var.value), codes, axis=0)
+    book = self.code_var.value if codebook is None else codebook
+    rows = jnp.take(jax.lax.stop_gradient(book), codes, axis=0).astype(q.dtype)
     q_neg = jnp.where(replaced[..., None], rows, q)
-    return jax.lax.stop_gradient(self.embed(q_neg, f, gate_q=q if reuse_gate else None))
+    return self.embed(q_neg, f, gate_q=q if reuse_gate else None)
 
   def _grid(self, n: int) -> tuple[int, int]:
     if self.grid is not None:
