@@ -26,7 +26,9 @@ From the same generator, `build_benchmark` makes the fine-grained synthetic suit
 relation swap, counting, existence, Winoground-style pairs, retrieval); its metrics are in
 `nas_jax.benchmarks.synthetic`.
 
-Speed (one core, numpy, this machine): see `python -m nas_jax.data.synthetic --bench`.
+Speed: `python -m nas_jax.data.synthetic --image_size 64` prints samples and records/s; on one core
+of the 2-core dev machine, about 3-4k records/s at 64 px with negatives (about 2k/s while other
+jobs share the core), 0.2 s to build the 6 x 100-case suite.
 """
 
 from __future__ import annotations
@@ -432,6 +434,8 @@ def negatives(scene: Scene, claim: Claim, rng: np.random.Generator, *, max_negat
   seen = {true_text}
   for group in (swaps, edits):
     for k in rng.permutation(len(group)):
+      if len(out) == max_negatives:
+        break
       t = text(group[int(k)])
       if t not in seen:
         seen.add(t)
@@ -439,7 +443,7 @@ def negatives(scene: Scene, claim: Claim, rng: np.random.Generator, *, max_negat
           out.append(t)
   if not out:  # The grammar always has one (e.g. a wrong colour); reaching this is a bug.
     raise AssertionError(f'no false caption found for {true_text!r}')
-  return out[:max_negatives]
+  return out
 
 
 # ------------------------------------------------------------------------------------------ vocab
