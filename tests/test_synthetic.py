@@ -350,3 +350,17 @@ def test_config_keys_build_sources():
   heldout = S.SyntheticSource(50, split='heldout', **S.source_kwargs(syn, 'heldout'))
   assert (train.p_existence, heldout.p_existence) == (syn.p_existence, 0.0)
   assert train.max_objects == heldout.max_objects == syn.max_objects
+
+
+def test_horizontal_flip_is_the_left_right_word_swap(train):
+  """The pipeline flips images and swaps "left"/"right" in captions and negatives: the mirrored
+  scene renders as the flipped image, and the swapped caption (negatives) stay true (false)."""
+  import re
+  swap = lambda t: re.sub(r'\b(left|right)\b', lambda m: 'right' if m[1] == 'left' else 'left', t)
+  for i in range(60):
+    scene, claim, _ = train.scene(i)
+    mirrored = tuple(o._replace(col=S.GRID - 1 - o.col, x=1.0 - o.x) for o in scene)
+    diff = np.abs(S.render(mirrored, 32).astype(int) - np.fliplr(train[i]['image']).astype(int))
+    assert diff.max() <= 1
+    assert S.holds(mirrored, swap(S.text(claim)))
+    assert not any(S.holds(mirrored, swap(n)) for n in train[i]['neg_captions'])
