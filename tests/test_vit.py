@@ -1,0 +1,138 @@
+"""ViT: parity with timm's VisionTransformer (DeiT-B/16 architecture, reduced size) through
+convert_deit, at the checkpoint's resolution and at a larger one through ALBEF's position-embedding
+interpolation (both computed in PyTorch)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from nas_jax import convert
+from nas_jax.models.vit import VisionTransformer, interpolate_pos_embed
+
+EMBED, DEPTH, HEADS, PATCH, SMALL, LARGE = 64, 2, 4, 16, 64, 96
+# Position-embedding resampling cases: (grid side before, after, width), ALBEF's 224->256->384 among them.
+INTERP = {"224_256": (14, 16, 8), "256_384": (16, 24, 4), "up": (4, 6, 16), "down": (6, 4, 16)}
+
+_REF = {}
+
+
+def vit_config(image_size=SMALL):
+  return ml_collections.ConfigDict(dict(
+      image_size=image_size, patch_size=PATCH, hidden_size=EMBED, num_layers=DEPTH,
+      num_heads=HEADS, mlp_dim=4 * EMBED, layer_norm_eps=1e-6))
+
+
+def _reference(run_torch):
+  """One PyTorch run: the random timm model's state dict and outputs (cached per process)."""
+  if not _REF:
+    rng = np.random.default_rng(0)
+    inputs = {
+        "dims": np.array([EMBED, DEPTH, HEADS, PATCH, SMALL, LARGE]),
+        "images_small": rng.normal(size=(2, 3, SMALL, SMALL)).astype(np.float32),
+        "images_large": rng.normal(size=(2, 3, LARGE, LARGE)).astype(np.float32),
+    }
+    for name, (old, new, dim) in INTERP.items():
+      inputs[f"pe_{name}"] = rng.normal(size=(1, 1 + old * old, dim)).astype(np.float32)
+      inputs[f"new_{name}"] = np.array(new)
+    out = run_torch("from torch_refs.vit_ref import main\nmain()\n", inputs)
+    _REF.update(inputs)
+    _REF.update(out)
+  return _REF
+
+
+def _state_dict(ref):
+  return {k[3:]: v for k, v in ref.items() if k.startswith("sd.")}
+
+
+def _nhwc(x):
+  return jnp.asarray(x.transpose(0, 2, 3, 1))
+
+
+def test_interpolate_pos_embed_matches_albef_torch(run_torch):
+  ref = _reference(run_torch)
+  for name, (old, new, _) in INTERP.items():
+    ours = interpolate_pos_embed(ref[f"pe_{name}"], new * new)
+    assert ours.shape == ref[f"interp_{name}"].shape
+    np.testing.assert_allclose(ours, ref[f"interp_{name}"], atol=1e-5, rtol=0, err_msg=name)
+  same = interpolate_pos_embed(ref["pe_up"], 16)  # Same grid: unchanged.
+  np.testing.assert_array_equal(same, ref["pe_up"])
+
+
+def test_vit_matches_timm_at_checkpoint_resolution(run_torch):
+  ref = _reference(run_torch)
+  report = convert.Report()
+  params = convert.convert_deit(_state_dict(ref), vit_config(SMALL), report=report)
+  out = VisionTransformer(vit_config(SMALL)).apply({"params": params}, _nhwc(ref["images_small"]))
+  assert out.shape == (2, 1 + (SMALL // PATCH) ** 2, EMBED)
+  np.testing.assert_allclose(np.asarray(out), ref["out_small"], atol=1e-4, rtol=0)
+  # The classifier head is reported, not silently dropped; nothing else is left over.
+  assert set(report.unused) == {"head.weight", "head.bias"}
+
+
+def test_vit_matches_timm_at_new_resolution_through_interpolation(run_torch):
+  ref = _reference(run_torch)
+  report = convert.Report()
+  params = convert.convert_deit(_state_dict(ref), vit_config(LARGE), report=report)
+  np.testing.assert_allclose(params["pos_embed"], ref["pos_large"], atol=1e-5, rtol=0)
+  out = VisionTransformer(vit_config(LARGE)).apply({"params": params}, _nhwc(ref["images_large"]))
+  assert out.shape == (2, 1 + (LARGE // PATCH) ** 2, EMBED)
+  np.testing.assert_allclose(np.asarray(out), ref["out_large"], atol=1e-4, rtol=0)
+  assert any("resampled" in n for n in report.notes)
+
+
+def test_param_names_are_timm_like():
+  params = jax.eval_shape(VisionTransformer(vit_config()).init, jax.random.key(0),
+                          jnp.zeros((1, SMALL, SMALL, 3)))["params"]
+  assert set(params) == {"patch_embed", "cls_token", "pos_embed", "norm",
+                         *(f"blocks_{i}" for i in range(DEPTH))}
+  assert params["patch_embed"]["proj"]["kernel"].shape == (PATCH, PATCH, 3, EMBED)
+  assert params["pos_embed"].shape == (1, 1 + (SMALL // PATCH) ** 2, EMBED)
+  assert set(params["blocks_0"]) == {"norm1", "attn", "norm2", "mlp"}
+  assert set(params["blocks_0"]["attn"]) == {"qkv", "proj"}
+  assert params["blocks_0"]["attn"]["qkv"]["kernel"].shape == (EMBED, 3 * EMBED)
+
+
+def test_wrong_image_size_is_a_clear_error():
+  model = VisionTransformer(vit_config())
+  with pytest.raises(ValueError, match=r"expects images \[B, 64, 64, 3\].*got \(1, 3, 64, 64\)"):
+    model.init(jax.random.key(0), jnp.zeros((1, 3, SMALL, SMALL)))
+
+
+def test_cudnn_token_padding_leaves_outputs_unchanged():
+  """The cuDNN path pads 1+N (odd) tokens to even and masks the pad. Checked on CPU with the XLA
+  kernel standing in for cuDNN: the padded, masked computation equals the unpadded one."""
+  from nas_jax.models import attention as attn_lib
+
+  cfg = vit_config()
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, SMALL, SMALL, 3)), jnp.float32)
+  params = VisionTransformer(cfg).init(jax.random.key(0), images)
+  plain = VisionTransformer(cfg).apply(params, images)
+
+  real = attn_lib.dot_product_attention
+  seen = []
+
+  def xla_instead_of_cudnn(q, k, v, **kw):
+    seen.append((q.shape[1], kw.get("key_lengths") is not None))
+    kw["implementation"] = "xla"
+    return real(q, k, v, **kw)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(attn_lib, "dot_product_attention", xla_instead_of_cudnn)
+    padded = VisionTransformer(cfg, attention="cudnn").apply(params, images)
+  assert seen and all(t == 18 and masked for t, masked in seen)  # 1 + 16 tokens -> 18, masked.
+  assert padded.shape == plain.shape
+  np.testing.assert_allclose(np.asarray(padded), np.asarray(plain), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_is_close_and_returns_float32():
+  cfg = vit_config()
+  images = jnp.asarray(np.random.default_rng(2).normal(size=(2, SMALL, SMALL, 3)), jnp.float32)
+  params = VisionTransformer(cfg).init(jax.random.key(0), images)
+  f32 = VisionTransformer(cfg).apply(params, images)
+  bf16 = VisionTransformer(cfg, dtype=jnp.bfloat16).apply(params, images)
+  assert bf16.dtype == jnp.float32
+  assert jax.tree.all(jax.tree.map(lambda p: p.dtype == jnp.float32, params))
+  np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.1, rtol=0)
+  assert float(jnp.abs(bf16 - f32).max()) > 0  # bf16 really was used.
