@@ -369,7 +369,13 @@ def make_source(config, split: str = "train"):
   kind = d.source
   if kind == "synthetic":
     from nas_jax.data import synthetic
-    return SyntheticRecords(synthetic.source_from_config(d, split, seed=config.seed))
+    s = d.synthetic
+    kwargs = (synthetic.source_kwargs(s, split) if hasattr(synthetic, "source_kwargs")
+              else dict(max_objects=s.max_objects))
+    num = s.num_train if split == "train" else s.num_heldout
+    return SyntheticRecords(synthetic.SyntheticSource(
+        num, seed=config.seed, split=split, image_size=d.image_size,
+        text_negatives=bool(config.itm.text_negatives), **kwargs))
   if kind == "albef_json":
     return AlbefJsonSource(tuple(d.paths), d.image_root)
   if kind == "negclip_tsv":

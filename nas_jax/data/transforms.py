@@ -21,17 +21,28 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+try:  # ALBEF's own RandAugment warps with OpenCV; it is ~10x faster than PIL's affine transform.
+  import cv2
+  cv2.setNumThreads(1)    # One sample per thread / worker process already.
+except ImportError:       # PIL fallback: same geometry (tests check the two agree).
+  cv2 = None
+
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
-# x / 255 → (x/255 − mean) / std folded into one multiply-add.
+# x / 255 → (x/255 − mean) / std folded into one multiply-add, and tabulated per channel.
 _SCALE = (1.0 / (255.0 * STD)).astype(np.float32)
 _OFFSET = (-MEAN / STD).astype(np.float32)
+_LUT = (np.arange(256, dtype=np.float32)[None, :] * _SCALE[:, None] + _OFFSET[:, None])
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
   """uint8 [H, W, 3] → float32 [H, W, 3], (x / 255 − mean) / std with ALBEF's (CLIP's) statistics."""
-  out = np.asarray(image, np.float32) * _SCALE
-  out += _OFFSET
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    return (image.astype(np.float32) * _SCALE + _OFFSET).astype(np.float32)
+  out = np.empty(image.shape, np.float32)
+  for k in range(3):      # A table lookup per channel: ~2x faster than float multiply-add.
+    out[..., k] = _LUT[k][image[..., k]]
   return out
 
 
@@ -121,14 +132,34 @@ def _signed(value: float, rng: np.random.Generator) -> float:
   return -value if rng.random() < 0.5 else value
 
 
-def _affine(img: Image.Image, inverse: tuple[float, ...]) -> Image.Image:
-  # PIL maps each output pixel back through `inverse`; cv2.warpAffine in ALBEF maps forward with
-  # the inverse matrix, so the two agree. Bilinear, grey fill, as ALBEF.
-  return img.transform(img.size, Image.Transform.AFFINE, inverse, Image.Resampling.BILINEAR,
+def _affine(img: Image.Image, forward: tuple[float, ...], use_cv2: bool = True) -> Image.Image:
+  """Warps by the 2x3 matrix `forward` (input → output pixel coordinates), bilinear, grey fill.
+
+  This is ALBEF's cv2.warpAffine(img, M) call. PIL's transform takes the output → input map, so
+  the fallback inverts the matrix.
+  """
+  if cv2 is not None and use_cv2:
+    w, h = img.size
+    out = cv2.warpAffine(np.asarray(img), np.float32(forward).reshape(2, 3), (w, h),
+                         borderValue=_FILL, flags=cv2.INTER_LINEAR)
+    return Image.fromarray(out)
+  a, b, c, d, e, f = forward
+  det = a * e - b * d
+  inv = (e / det, -b / det, (b * f - c * e) / det, -d / det, a / det, (c * d - a * f) / det)
+  return img.transform(img.size, Image.Transform.AFFINE, inv, Image.Resampling.BILINEAR,
                        fillcolor=_FILL)
 
 
-def apply_op(img: Image.Image, name: str, level: float, rng: np.random.Generator) -> Image.Image:
+def _rotation(img: Image.Image, degrees: float) -> tuple[float, ...]:
+  """cv2.getRotationMatrix2D((W/2, H/2), degrees, 1): counter-clockwise on screen."""
+  w, h = img.size
+  cx, cy = w / 2, h / 2
+  a, b = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+  return (a, b, (1 - a) * cx - b * cy, -b, a, b * cx + (1 - a) * cy)
+
+
+def apply_op(img: Image.Image, name: str, level: float, rng: np.random.Generator,
+             use_cv2: bool = True) -> Image.Image:
   """One RandAugment op at `level` (0..10), magnitudes as ALBEF's `arg_dict`."""
   if name == "Identity":
     return img
@@ -142,13 +173,15 @@ def apply_op(img: Image.Image, name: str, level: float, rng: np.random.Generator
     return ImageEnhance.Sharpness(img).enhance(_enhance_factor(level))
   if name in ("ShearX", "ShearY"):
     s = _signed(level / _MAX_LEVEL * 0.3, rng)    # M = 7 → ±0.21
-    return _affine(img, (1, -s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, -s, 1, 0))
+    m = (1, s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, s, 1, 0)
+    return _affine(img, m, use_cv2)
   if name in ("TranslateX", "TranslateY"):
     t = _signed(level / _MAX_LEVEL * 10.0, rng)   # translate_const = 10 → ±7 pixels
-    return _affine(img, (1, 0, t, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, t))
+    m = (1, 0, -t, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, -t)
+    return _affine(img, m, use_cv2)
   if name == "Rotate":
     deg = _signed(level / _MAX_LEVEL * 30.0, rng)  # ±21 degrees about the centre
-    return img.rotate(deg, resample=Image.Resampling.BILINEAR, fillcolor=_FILL)
+    return _affine(img, _rotation(img, deg), use_cv2)
   raise ValueError(f"unknown RandAugment op {name!r}; known: {ALBEF_OPS}")
 
 
