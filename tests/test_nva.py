@@ -122,3 +122,17 @@ def test_width_mismatch_is_a_clear_error():
   x['t_cls'] = jnp.ones((B, 4))
   with pytest.raises(ValueError, match='same width|one width'):
     nva.negative_codes(jax.random.PRNGKey(0), **x)
+
+
+def test_scope_primary_replaces_only_primary_patches_and_max_norm():
+  x = _inputs()
+  out = jax.tree.map(np.asarray, nva.negative_codes(jax.random.PRNGKey(4), **x, ratio=RATIO, k=K,
+                                                    scope='primary', norm='max'))
+  np.testing.assert_array_equal(out['replaced'], out['primary'])
+  codes = np.asarray(x['codes'])
+  assert (out['codes'][out['primary']] != codes[out['primary']]).all()
+  np.testing.assert_array_equal(out['codes'][~out['primary']], codes[~out['primary']])
+  np.testing.assert_allclose(nva.replacement_logits(jnp.array([1., 2., 4.]), 'max'),
+                             1 / (np.array([0.25, 0.5, 1.0]) + 1e-4), rtol=1e-6)
+  with pytest.raises(ValueError, match="scope='all'"):
+    nva.negative_codes(jax.random.PRNGKey(0), **x, scope='all')
