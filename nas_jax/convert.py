@@ -107,14 +107,22 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   else:
     raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors, .npz, .pth, .pt, "
                      ".bin or .ckpt")
+  return _unwrap(raw, path)
+
+
+def _unwrap(raw: Mapping[str, Any], name: str) -> dict[str, np.ndarray]:
+  """The weights of a checkpoint dict that holds them under 'model' or 'state_dict' (DeiT, ALBEF),
+  as numpy arrays."""
+  if not isinstance(raw, Mapping):
+    raise ValueError(f"{name}: not a state dict (a {type(raw).__name__})")
   for wrapper in ("model", "state_dict"):
-    if isinstance(raw, Mapping) and wrapper in raw and isinstance(raw[wrapper], Mapping):
+    if wrapper in raw and isinstance(raw[wrapper], Mapping):
       raw = raw[wrapper]
       break
   out = {}
   for k, v in raw.items():
     if not isinstance(k, str):
-      raise ValueError(f"{path}: not a state dict (key {k!r} is not a string)")
+      raise ValueError(f"{name}: not a state dict (key {k!r} is not a string)")
     out[k] = _to_numpy(v)
   return out
 
@@ -125,7 +133,7 @@ class StateDict:
   def __init__(self, source: str | os.PathLike | Mapping[str, Any]):
     if isinstance(source, Mapping):
       self.name = "<state dict>"
-      self.data = {k: _to_numpy(v) for k, v in source.items()}
+      self.data = _unwrap(source, self.name)
     else:
       self.name = os.fspath(source)
       self.data = load_state_dict(source)
@@ -481,7 +489,10 @@ def convert_albef(source, config, *, seed: int = 0,
   """
   report = report if report is not None else Report()
   model, vit, bert = _sections(config)
-  model, vit, bert = _require(model, "(full)"), _require(vit, "vit"), _require(bert, "bert")
+  if model is None or "embed_dim" not in model:
+    raise ValueError("convert_albef needs the full model config (model.vit, model.bert, "
+                     "model.embed_dim): pass config_lib.base_config() or a configs/ file")
+  vit, bert = _require(vit, "vit"), _require(bert, "bert")
   sd = StateDict(source)
   pretrain = any(k.startswith("text_encoder.bert.") for k in sd.data)
   report.source, report.checkpoint = "albef", sd.name
