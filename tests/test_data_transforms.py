@@ -159,14 +159,18 @@ def test_transforms_are_picklable_and_deterministic():
   assert a[1:] == b[1:]
 
 
-@pytest.mark.parametrize("op", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"])
-def test_opencv_and_pil_warps_agree(op):
+@pytest.mark.parametrize("op", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+                                "Sharpness"])
+def test_opencv_and_pil_ops_agree(op):
   pytest.importorskip("cv2")
   y, x = np.mgrid[0:64, 0:80].astype(np.float32)
   arr = np.stack([x * 3, y * 3, (x + y) * 1.5], -1).astype(np.uint8)   # Smooth: bilinear-safe.
+  if op == "Sharpness":   # Needs edges to sharpen.
+    arr = arr.copy()
+    arr[::8] = 255
   img = Image.fromarray(arr)
   a = np.asarray(T.apply_op(img, op, 7, np.random.default_rng(4), use_cv2=True), np.float32)
   b = np.asarray(T.apply_op(img, op, 7, np.random.default_rng(4), use_cv2=False), np.float32)
   inner = (slice(2, -2), slice(2, -2))            # Border pixels differ by edge handling only.
   assert np.abs(a - b)[inner].mean() < 1.0
-  assert np.abs(a - arr)[inner].mean() > 5.0      # And the op did move pixels.
+  assert np.abs(a - arr)[inner].mean() > 2.0      # And the op did change pixels.

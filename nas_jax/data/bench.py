@@ -25,13 +25,14 @@ import numpy as np
 
 from nas_jax import config_lib
 from nas_jax.data import pipeline, prepare as prepare_lib, sources, text
+from nas_jax.data import transforms as T
 
 TARGET_PER_GPU = 1100   # Samples/s of one GPU's training step (the lead's measured target).
 
 
 def make_corpus(out_dir: str, num: int, seed: int = 0, size=(640, 480)) -> str:
-  """COCO-like photos: 640x480 JPEG (q 90) with multi-scale texture (~130-180 KB, as COCO's
-  ~160 KB average), five captions each. Returns the JSON path."""
+  """COCO-like photos: 640x480 JPEG (q 90) with multi-scale texture and noise (~150 KB, near
+  COCO's ~160 KB average), five captions each. Returns the JSON path."""
   from PIL import Image
 
   rng = np.random.default_rng(seed)
@@ -45,11 +46,11 @@ def make_corpus(out_dir: str, num: int, seed: int = 0, size=(640, 480)) -> str:
     path = os.path.join(img_dir, f"{i:06d}.jpg")
     if not os.path.exists(path):
       img = np.zeros((h, w, 3), np.float32)
-      for cells, amp in ((4, 90.0), (16, 40.0), (64, 25.0)):
+      for cells, amp in ((4, 90.0), (16, 40.0), (64, 50.0), (160, 50.0)):
         small = rng.uniform(-amp, amp, (cells * h // w + 1, cells, 3)).astype(np.float32)
         img += np.stack([np.asarray(Image.fromarray(small[..., k]).resize(
             (w, h), Image.Resampling.BICUBIC)) for k in range(3)], -1)
-      img += rng.normal(0, 6, img.shape) + rng.uniform(60, 190, 3)
+      img += rng.normal(0, 12, img.shape) + rng.uniform(60, 190, 3)
       Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
     caps = [" ".join(rng.choice(words, int(rng.integers(8, 16)))) for _ in range(5)]
     records.append({"image": f"{i:06d}.jpg", "caption": caps})
@@ -93,7 +94,7 @@ def pipeline_rate(config, tokenizer, workers: int, batches: int) -> float:
   c.data.num_workers = workers
   it = pipeline.make_train_iterator(c, tokenizer)
   try:
-    for _ in range(max(2, workers)):                       # Warm-up: workers start, buffers fill.
+    for _ in range(2 + 2 * workers):                       # Warm-up: workers start, buffers fill.
       next(it)
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -119,6 +120,7 @@ def main(argv=None) -> list[dict]:
                  help="write N COCO-like JPEGs + JSON to --corpus_dir, prepare them, bench both")
   p.add_argument("--corpus_dir", default="/tmp/nas_bench")
   p.add_argument("--max_side", type=int, default=384, help="for --make_corpus's prepared shards")
+  p.add_argument("--prepare_workers", type=int, default=os.cpu_count() or 1)
   p.add_argument("--vocab", default="synthetic", help="BERT vocab.txt or model dir")
   p.add_argument("--image_size", type=int, default=256)
   p.add_argument("--max_text_len", type=int, default=25)
@@ -126,7 +128,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--threads", type=int, default=1, help="grain read threads per process")
   p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   p.add_argument("--samples", type=int, default=200, help="samples for the stage breakdown")
-  p.add_argument("--batches", type=int, default=10, help="timed batches per pipeline run")
+  p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline run")
   p.add_argument("--json_out", default="", help="also write the results as JSON here")
   args = p.parse_args(argv)
 
@@ -142,7 +144,8 @@ def main(argv=None) -> list[dict]:
     prepared = os.path.join(args.corpus_dir, f"prepared_{args.max_side}")
     if not os.path.isdir(prepared):
       s = prepare_lib.prepare(sources.AlbefJsonSource(paths, image_root), prepared,
-                              max_side=args.max_side, workers=os.cpu_count() or 1)
+                              max_side=args.max_side, workers=args.prepare_workers,
+                              progress=False)
       print(prepare_lib.format_summary(s, prepared), file=sys.stderr)
   runs = []
   if paths:
@@ -173,8 +176,10 @@ def main(argv=None) -> list[dict]:
                           ms=br["ms"], kib=sizes.get(name)))
       print(f"[bench] {name}: {w} worker(s) → {rate:,.0f} images/s", file=sys.stderr)
 
+  load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
   print(f"\nimage {args.image_size} px, batch {args.batch_size}, text {args.max_text_len} tokens, "
-        f"{os.cpu_count()} CPU core(s) visible, vocab {args.vocab}\n")
+        f"{args.threads} read thread(s), {os.cpu_count()} CPU core(s) visible (load average "
+        f"{load}), OpenCV {'on' if T.cv2 is not None else 'off'}, vocab {args.vocab}\n")
   print("| path | KiB/image | workers | images/s | per worker | one core, in-process | "
         "read | decode+crop | augment | tokenise | other |")
   print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

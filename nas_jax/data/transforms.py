@@ -150,6 +150,19 @@ def _affine(img: Image.Image, forward: tuple[float, ...], use_cv2: bool = True) 
                        fillcolor=_FILL)
 
 
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13   # PIL's SMOOTH filter.
+
+
+def _sharpness_cv2(img: Image.Image, factor: float) -> Image.Image:
+  """PIL's ImageEnhance.Sharpness via cv2.filter2D (ALBEF's version): blend with the smoothed
+  image, border pixels kept, saturated to [0, 255] (ALBEF's uint8 cast would wrap around)."""
+  arr = np.asarray(img)
+  smooth = cv2.filter2D(arr, -1, _SMOOTH)
+  out = cv2.addWeighted(arr, factor, smooth, 1.0 - factor, 0.0)   # Rounds and saturates.
+  out[0], out[-1], out[:, 0], out[:, -1] = arr[0], arr[-1], arr[:, 0], arr[:, -1]
+  return Image.fromarray(out)
+
+
 def _rotation(img: Image.Image, degrees: float) -> tuple[float, ...]:
   """cv2.getRotationMatrix2D((W/2, H/2), degrees, 1): counter-clockwise on screen."""
   w, h = img.size
@@ -170,6 +183,8 @@ def apply_op(img: Image.Image, name: str, level: float, rng: np.random.Generator
   if name == "Brightness":
     return ImageEnhance.Brightness(img).enhance(_enhance_factor(level))
   if name == "Sharpness":
+    if cv2 is not None and use_cv2:
+      return _sharpness_cv2(img, _enhance_factor(level))
     return ImageEnhance.Sharpness(img).enhance(_enhance_factor(level))
   if name in ("ShearX", "ShearY"):
     s = _signed(level / _MAX_LEVEL * 0.3, rng)    # M = 7 → ±0.21
