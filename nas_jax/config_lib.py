@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
       augment='auto',          # 'auto' (synthetic: 'flip', else 'full') | 'full' | 'flip' | 'none'.
       crop_scale_min=0.2,      # RandomResizedCrop area range (ALBEF: 0.2 pretrain, 0.5 retrieval).
       max_words=30,            # pre_caption word limit.
-      read_threads=8,          # grain threads per process/worker (PIL decodes without the GIL).
+      read_threads=2,          # grain threads per process or worker (PIL/OpenCV release the GIL).
       tfds=ml_collections.ConfigDict(dict(
           name='', data_dir='', image_key='image', caption_key='captions/text',
           id_key='image/id')),
