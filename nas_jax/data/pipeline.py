@@ -175,7 +175,7 @@ class SampleMaker:
       if error is None:
         return
       self.errors += 1
-      if len(self.examples) < _EXAMPLES:
+      if len(self.examples) < _EXAMPLES and error not in self.examples:
         self.examples.append(error)
       records, errors = self.records, self.errors
     if records >= self.min_records and errors > self.max_error_rate * records:
