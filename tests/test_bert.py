@@ -172,24 +172,27 @@ def test_dropout_only_in_training():
       np.asarray(no_drop.apply(p0, ids, mask, image)), atol=1e-6, rtol=0)
 
 
-def test_bfloat16_compute_and_remat():
+def test_bfloat16_compute():
   cfg = tiny_config()
   model, params, (ids, mask, image) = _init(cfg)
   f32 = model.apply(params, ids, mask, image)
   bf16_model = BertModel(cfg, dtype=jnp.bfloat16)
   bf16 = bf16_model.apply(params, ids, mask, image)
-  assert bf16.dtype == jnp.float32
+  assert bf16.dtype == jnp.float32  # LayerNorm outputs (the residual stream) stay float32.
   np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.1, rtol=0)
-  logits = bf16_model.apply(params, bf16, method="mlm_logits")
-  assert logits.dtype == jnp.float32
+  assert float(jnp.abs(bf16 - f32).max()) > 0  # bf16 really was used.
+  assert bf16_model.apply(params, bf16, method="mlm_logits").dtype == jnp.float32
 
-  remat = BertModel(cfg, remat=True)
-  loss = lambda m: lambda p: jnp.sum(m.apply(p, ids, mask, image, train=True,
-                                             rngs={"dropout": jax.random.key(3)}) ** 2)
-  g_plain = jax.grad(loss(model))(params)
-  g_remat = jax.grad(loss(remat))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4),
-               g_plain, g_remat)  # Same math; float error only.
+
+def test_remat_computes_the_same_function_in_training():
+  """Rematerialised layers (dropout's `deterministic` a static argument) give identical outputs,
+  dropout masks included. Gradient equality under remat is checked on the ViT (test_vit.py)."""
+  cfg = tiny_config()
+  model, params, (ids, mask, image) = _init(cfg)
+  rngs = {"dropout": jax.random.key(3)}
+  plain = model.apply(params, ids, mask, image, train=True, rngs=rngs)
+  remat = BertModel(cfg, remat=True).apply(params, ids, mask, image, train=True, rngs=rngs)
+  np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6, rtol=0)
 
 
 def test_text_too_long_is_a_clear_error():

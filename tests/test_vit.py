@@ -100,14 +100,25 @@ def test_wrong_image_size_is_a_clear_error():
     model.init(jax.random.key(0), jnp.zeros((1, 3, SMALL, SMALL)))
 
 
+_INIT = {}
+
+
+def _init_small():
+  """Random params of the small ViT and a batch of images (initialised once)."""
+  if not _INIT:
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(2, SMALL, SMALL, 3)), jnp.float32)
+    _INIT["images"] = images
+    _INIT["params"] = VisionTransformer(vit_config()).init(jax.random.key(0), images)
+  return _INIT["params"], _INIT["images"]
+
+
 def test_cudnn_token_padding_leaves_outputs_unchanged():
   """The cuDNN path pads 1+N (odd) tokens to even and masks the pad. Checked on CPU with the XLA
   kernel standing in for cuDNN: the padded, masked computation equals the unpadded one."""
   from nas_jax.models import attention as attn_lib
 
   cfg = vit_config()
-  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, SMALL, SMALL, 3)), jnp.float32)
-  params = VisionTransformer(cfg).init(jax.random.key(0), images)
+  params, images = _init_small()
   plain = VisionTransformer(cfg).apply(params, images)
 
   real = attn_lib.dot_product_attention
@@ -128,11 +139,20 @@ def test_cudnn_token_padding_leaves_outputs_unchanged():
 
 def test_bfloat16_compute_is_close_and_returns_float32():
   cfg = vit_config()
-  images = jnp.asarray(np.random.default_rng(2).normal(size=(2, SMALL, SMALL, 3)), jnp.float32)
-  params = VisionTransformer(cfg).init(jax.random.key(0), images)
+  params, images = _init_small()
   f32 = VisionTransformer(cfg).apply(params, images)
   bf16 = VisionTransformer(cfg, dtype=jnp.bfloat16).apply(params, images)
   assert bf16.dtype == jnp.float32
   assert jax.tree.all(jax.tree.map(lambda p: p.dtype == jnp.float32, params))
   np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.1, rtol=0)
   assert float(jnp.abs(bf16 - f32).max()) > 0  # bf16 really was used.
+
+
+def test_remat_gives_the_same_gradients():
+  cfg = vit_config()
+  params, images = _init_small()
+  loss = lambda remat: lambda p: jnp.sum(VisionTransformer(cfg, remat=remat).apply(p, images) ** 2)
+  plain, remat = jax.grad(loss(False))(params), jax.grad(loss(True))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4,
+                                                       rtol=1e-4), plain, remat)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain)) > 1e-3  # Non-trivial.
