@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   out = args.out or os.path.join(args.checkpoint, 'eval')
   meta = {'checkpoint': os.path.abspath(args.checkpoint), 'data_dir': args.data_dir,
           'image_size': image_size, 'use_dictionary': bool(config.model.use_dictionary),
-          'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+          'devices': f'{jax.local_device_count()} x {jax.local_devices()[0].device_kind}',
           'jax': jax.__version__}
   print(f'[eval] {meta["checkpoint"]} on {meta["devices"]}: {", ".join(args.bench)}', flush=True)
   results = []

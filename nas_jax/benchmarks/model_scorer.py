@@ -43,8 +43,9 @@ def _itm_pairs(m, image_tokens, idx, ids, mask):
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D ('data',) mesh over all (or the given) devices."""
-  devices = list(devices if devices is not None else jax.devices())
+  """A 1-D ('data',) mesh over this process's devices (or the given ones). Evaluation runs as one
+  process per host: host arrays go to local devices with `device_put`."""
+  devices = list(devices if devices is not None else jax.local_devices())
   return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
 
@@ -60,7 +61,7 @@ class ModelScorer(common.ScorerBase):
     batch_size: pairs / images / texts per device step (rounded up to a multiple of the devices).
     image_chunk: distinct images encoded and kept on device at once (a multiple of batch_size).
     max_tokens: default token limit when a call gives none.
-    mesh: a mesh with a 'data' axis (default: all devices).
+    mesh: a mesh with a 'data' axis (default: all local devices).
   """
 
   def __init__(self, model, params, batch_stats, tokenizer, *, image_size: int,
