@@ -319,7 +319,7 @@ def convert_deit(source, config, *, report: Report | None = None) -> dict[str, A
   vit = _require(_sections(config)[1], "vit")
   sd = StateDict(source)
   report.source, report.checkpoint, report.layout = "deit", sd.name, "timm VisionTransformer"
-  tree = _vit_tree(sd, "", vit, report, "vit")
+  tree = _vit_tree(sd, "", vit, report, "params/vit")
   report.unused.update(sd.finish())
   report.converted.append("params/vit")
   return tree
@@ -508,7 +508,7 @@ def convert_albef(source, config, *, seed: int = 0,
 
   def branch(tag):
     return {"vit": _vit_tree(sd, f"visual_encoder{tag}.", vit, report,
-                             "vit" if not tag else "vit_m"),
+                             "params/vit" if not tag else "params_m/vit"),
             "bert": text(tag),
             "vision_proj": _as_float32(_linear(sd, f"vision_proj{tag}.", dv, e)),
             "text_proj": _as_float32(_linear(sd, f"text_proj{tag}.", dt, e))}
@@ -642,11 +642,21 @@ def main(argv: list[str] | None = None) -> int:
   else:
     trees = convert_albef(args.ckpt, config, seed=args.seed, report=report)
   out = save_converted(args.out, trees, report, config)
-  n = sum(np.asarray(v).size for v in _flatten(trees).values())
   print(f"[convert] layout: {report.layout}")
   for note in report.notes:
     print(f"[convert] {note}")
-  print(f"[convert] converted: {', '.join(report.converted)} ({n / 1e6:.1f}M values)")
+  rows = []
+  for top, tree in trees.items():
+    for name, sub in tree.items():
+      leaves = list(_flatten(sub).values()) if isinstance(sub, Mapping) else [sub]
+      fresh = [i for i in report.initialised if i.startswith(f"{top}/{name}/")]
+      rows.append((f"{top}/{name}", len(leaves), sum(np.asarray(v).size for v in leaves),
+                   f"{len(fresh)} fresh" if fresh else ""))
+  width = max(len(r[0]) for r in rows)
+  print(f"\n  {'tree':<{width}}  {'tensors':>7}  {'values':>12}")
+  for name, n, size, fresh in rows:
+    print(f"  {name:<{width}}  {n:>7}  {size:>12,}  {fresh}")
+  print()
   if report.initialised:
     print(f"[convert] freshly initialised (seed {args.seed}): {', '.join(report.initialised)}")
   if report.unused:
