@@ -158,17 +158,44 @@ def run_benchmark(bench: str, scorer, args: argparse.Namespace, config):
   raise ValueError(bench)
 
 
-def run_synthetic(scorer, args, config, mode: str):
-  """The built-in synthetic suite (nas_jax.benchmarks.synthetic) through the same scorer."""
-  from nas_jax.benchmarks import common, model_scorer, synthetic
+def evaluate_synthetic(config, model, params, batch_stats, mesh=None, tokenizer=None, *,
+                       n_per_subset: int = 200, seed: int = 0, mode: str | None = None,
+                       k_test: int | None = None, scorer=None) -> tuple[dict, str]:
+  """The built-in synthetic suite (nas_jax.benchmarks.synthetic) through a ModelScorer.
+
+  Usable from training (same arguments as train.run_evals passes). Returns (metrics, Markdown
+  table). `mesh`: a mesh with a 'data' axis; one spanning other processes' devices is replaced by
+  this process's devices. Score: config.eval.score unless `mode` is given; k_test likewise.
+  """
+  import jax
+  from nas_jax.benchmarks import model_scorer, synthetic
   from nas_jax.data import synthetic as world
-  bench = world.build_benchmark(seed=args.synthetic_seed, image_size=config.data.image_size,
-                                n_per_subset=args.synthetic_n,
+  from nas_jax.data.text import load_tokenizer
+  mode = mode or config.eval.score
+  k_test = config.eval.k_test if k_test is None else k_test
+  if scorer is None:
+    if mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+      mesh = None
+    scorer = model_scorer.ModelScorer(
+        model, params, batch_stats, tokenizer or load_tokenizer(config.data.vocab),
+        image_size=config.model.vit.image_size, batch_size=config.eval.batch_size,
+        max_tokens=config.eval.max_text_len, mesh=mesh, show_progress=False)
+  bench = world.build_benchmark(seed=seed, image_size=config.data.image_size,
+                                n_per_subset=n_per_subset,
                                 max_objects=config.data.synthetic.max_objects)
-  score_pairs, embed = model_scorer.synthetic_callables(scorer, mode, args.max_tokens or None)
-  k_test = args.k_test or config.eval.k_test
+  score_pairs, embed = model_scorer.synthetic_callables(scorer, mode)
   metrics = synthetic.evaluate(bench, score_pairs, embed, batch_size=1 << 30, k_test=k_test,
                                threshold=0.0 if mode == 'itm' else None)
+  metrics['num_cases'] = float(sum(len(v) for v in bench.values()))
+  return metrics, synthetic.to_markdown(metrics, bench)
+
+
+def run_synthetic(scorer, args, config, mode: str):
+  from nas_jax.benchmarks import common
+  k_test = args.k_test or config.eval.k_test
+  metrics, table = evaluate_synthetic(config, None, None, None, n_per_subset=args.synthetic_n,
+                                      seed=args.synthetic_seed, mode=mode, k_test=k_test,
+                                      scorer=scorer)
   keys = [('Attribute', 'attribute'), ('Relation', 'relation'), ('Counting', 'counting'),
           ('Existence', 'existence'), ('Pairwise mean', 'pairwise_mean'),
           ('Wino text', 'winoground_text'), ('Wino image', 'winoground_image'),
@@ -176,8 +203,8 @@ def run_synthetic(scorer, args, config, mode: str):
           ('R mean', 'r_mean')]
   headline = {name: metrics[k] for name, k in keys if k in metrics}
   return common.BenchResult(
-      name='synthetic', headline=headline, details={'metrics': metrics,
-                                                    'cases': {k: len(v) for k, v in bench.items()}},
+      name='synthetic', headline=headline, tables={'Synthetic suite': table},
+      details={'metrics': metrics},
       protocol={'score': mode, 'seed': args.synthetic_seed, 'cases per subset': args.synthetic_n,
                 'retrieval k_test': k_test, 'comparison': 'strict >'})
 

@@ -74,10 +74,20 @@ def test_end_to_end_tiny_checkpoint(tmp_path, samples_dir, capsys):
   assert 'paper: NAS(NTVA) coco (2.9M) [T2]' in printed
   data = json.loads((out / 'results.json').read_text())
   syn = data['results']['synthetic']
-  assert syn['details']['cases']['attribute'] == 4
+  assert syn['details']['metrics']['num_cases'] > 0 and '| Attribute swap' in syn['tables']['Synthetic suite']
   assert 0.0 <= syn['headline']['Attribute'] <= 100.0 and 'Wino group' in syn['headline']
   w = data['results']['winoground']
   assert w['details']['num_examples'] == 14 and set(w['headline']) == {'Text', 'Image', 'Group'}
   assert w['protocol']['score'] == 'itm' and w['protocol']['max_tokens'] == 40
   assert data['meta']['use_dictionary'] is True
   assert '| ours |' in (out / 'results.md').read_text()
+
+  # The in-training entry point (train.run_evals' arguments): same metrics from params directly.
+  from nas_jax.benchmarks.model_scorer import data_mesh
+  from nas_jax.data.text import load_tokenizer
+  metrics, table = nas_eval.evaluate_synthetic(c, model, params, dict(variables['batch_stats']),
+                                               data_mesh(), load_tokenizer('synthetic'),
+                                               n_per_subset=4)
+  for key in ('attribute', 'winoground_group', 'r_mean'):
+    assert metrics[key] == pytest.approx(syn['details']['metrics'][key])
+  assert table == syn['tables']['Synthetic suite']

@@ -217,12 +217,13 @@ class BenchResult:
   """One benchmark's numbers.
 
   name: benchmark id ('valse', 'aro', ...). headline: the main table's columns in order (percent).
-  tables: extra tables, title -> (column names, rows). details: every other number, JSON-able.
+  tables: extra tables, title -> (column names, rows) or an already rendered Markdown table.
+  details: every other number, JSON-able.
   protocol: how it was scored (score mode, token limit, conventions), printed under the table.
   """
   name: str
   headline: dict[str, float]
-  tables: dict[str, tuple[list[str], list[list]]] = dataclasses.field(default_factory=dict)
+  tables: dict[str, tuple[list[str], list[list]] | str] = dataclasses.field(default_factory=dict)
   details: dict = dataclasses.field(default_factory=dict)
   protocol: dict = dataclasses.field(default_factory=dict)
 

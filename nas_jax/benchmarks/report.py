@@ -44,8 +44,9 @@ def benchmark_markdown(result: common.BenchResult, *, model: str = 'ours',
   if result.protocol:
     out += ['Protocol: ' + '; '.join(f'{k} = {v}' for k, v in result.protocol.items()), '']
   if extra_tables:
-    for title, (cols, trows) in result.tables.items():
-      out += [f'### {title}', '', markdown_table(cols, trows), '']
+    for title, table in result.tables.items():
+      body = table if isinstance(table, str) else markdown_table(*table)
+      out += [f'### {title}', '', body, '']
   return '\n'.join(out)
 
 
