@@ -364,3 +364,18 @@ def test_horizontal_flip_is_the_left_right_word_swap(train):
     assert diff.max() <= 1
     assert S.holds(mirrored, swap(S.text(claim)))
     assert not any(S.holds(mirrored, swap(n)) for n in train[i]['neg_captions'])
+
+
+def test_aro_like_subsets_are_macro_averaged_over_groups():
+  img = np.zeros((4, 4, 3), np.uint8)
+  cases = [dict(image=img, caption='t', foil='f', group=g) for g in ['left'] * 3 + ['above']]
+  counting = [dict(image=img, caption='t', foil='f', group=g) for g in ['2'] * 3 + ['3']]
+
+  def score(images, captions):  # [captions..., foils...]: only each subset's first case is right.
+    n = len(captions) // 2
+    return np.array([1.0] + [0.0] * (n - 1) + [0.5] * n)
+
+  m = bench_lib.evaluate(dict(relation=cases, counting=counting), score)
+  assert m['relation/left'] == pytest.approx(100 / 3) and m['relation/above'] == 0.0
+  assert m['relation'] == pytest.approx(100 / 6)   # Macro: (33.3 + 0) / 2, not 25.
+  assert m['counting'] == 25.0                     # Micro, as VALSE.

@@ -3,7 +3,10 @@
 Each subset is scored the way the real benchmark it imitates is (../shared/benchmarks/FORMATS.md),
 always with strict `>` so a tie is a failure:
   attribute, relation (ARO VG-Attribution / VG-Relation-like), counting, existence (VALSE-like):
-      pairwise accuracy = % of cases with score(image, caption) > score(image, foil).
+      pairwise accuracy = % of cases with score(image, caption) > score(image, foil). As ARO,
+      attribute and relation report the macro mean over their groups (attribute: 'colour' and
+      'size' swaps; relation: left / right / above / below); counting and existence, as VALSE's
+      acc_r, the plain (micro) accuracy. Every group's accuracy is reported too.
   winoground: with s(c, i) the score of caption c and image i (caption k describes image k),
       text  ⇔ s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1);
       image ⇔ s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0);  group ⇔ text and image.
@@ -26,14 +29,15 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 PAIRWISE = ('attribute', 'relation', 'counting', 'existence')
+MACRO = ('attribute', 'relation')   # Macro mean over groups, as ARO; the others micro, as VALSE.
 RECALL_KS = (1, 5, 10)
 
 ScorePairs = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 Embed = Callable[[np.ndarray, Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 _TITLES = {
-    'attribute': 'Attribute swap (ARO VG-Attribution-like)',
-    'relation': 'Relation order swap (ARO VG-Relation-like)',
+    'attribute': 'Attribute swap (ARO VG-Attribution-like, macro)',
+    'relation': 'Relation order swap (ARO VG-Relation-like, macro)',
     'counting': 'Counting (VALSE-like)',
     'existence': 'Existence (VALSE-like)',
 }
@@ -140,7 +144,8 @@ def evaluate(bench: Mapping[str, list], score_pairs: ScorePairs | None = None,
              threshold: float | None = None) -> dict[str, float]:
   """Scores a built suite. Returns a flat dict of percentages.
 
-  Keys: per pairwise subset its accuracy and '<subset>/<group>' breakdowns, 'pairwise_mean';
+  Keys: per pairwise subset its accuracy (macro over groups for attribute and relation) and
+  '<subset>/<group>' breakdowns, 'pairwise_mean' (of the four);
   'winoground_text|image|group' (+ '/relation', '/attribute' tags); retrieval 'txt_r1/5/10',
   'img_r1/5/10', 'txt_r_mean', 'img_r_mean', 'r_mean'.
   Retrieval uses `embed` (ITC cosine), re-ranked by `score_pairs` on the top `k_test` when
@@ -166,10 +171,11 @@ def evaluate(bench: Mapping[str, list], score_pairs: ScorePairs | None = None,
     pos, neg = scores[:len(cases)], scores[len(cases):]
     pos_all.append(pos)
     neg_all.append(neg)
-    out[name] = pairwise_accuracy(pos, neg)
     groups = np.array([c['group'] for c in cases])
-    for g in sorted(set(groups)):
-      out[f'{name}/{g}'] = pairwise_accuracy(pos[groups == g], neg[groups == g])
+    per_group = {g: pairwise_accuracy(pos[groups == g], neg[groups == g]) for g in sorted(set(groups))}
+    out[name] = (float(np.mean(list(per_group.values()))) if name in MACRO
+                 else pairwise_accuracy(pos, neg))
+    out.update({f'{name}/{g}': v for g, v in per_group.items()})
   present = [n for n in PAIRWISE if n in out]
   if present:
     out['pairwise_mean'] = float(np.mean([out[n] for n in present]))
