@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help='pair score for every benchmark (default: each benchmark\'s protocol)')
   p.add_argument('--vocab', default='', help="BERT vocab.txt / model dir (default: config.data.vocab)")
   p.add_argument('--image_size', type=int, default=0, help='eval resolution (default: the model\'s)')
-  p.add_argument('--batch_size', type=int, default=0, help='pairs per device step (default: config.eval.batch_size)')
+  p.add_argument('--batch_size', type=int, default=0, help='pairs per step over all local devices (default: 256 per device)')
   p.add_argument('--max_tokens', type=int, default=0, help='token limit for every benchmark '
                  '(default: 40 VALSE/Winoground/ARO, 30 retrieval)')
   p.add_argument('--k_test', type=int, default=0, help='retrieval shortlist (default 256 COCO, 128 Flickr)')
@@ -232,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   model = NASModel(config=config.model)
   tokenizer = load_tokenizer(args.vocab or config.data.vocab)
   scorer = ModelScorer(model, params, batch_stats, tokenizer, image_size=image_size,
-                       batch_size=args.batch_size or config.eval.batch_size,
+                       batch_size=args.batch_size or max(config.eval.batch_size,
+                                                         256 * jax.local_device_count()),
                        max_tokens=config.eval.max_text_len)
   out = args.out or os.path.join(args.checkpoint, 'eval')
   meta = {'checkpoint': os.path.abspath(args.checkpoint), 'data_dir': args.data_dir,

@@ -346,7 +346,7 @@ def evaluate_order(task: str, data_dir: str, scorer: common.Scorer, *, mode: str
   (or over the precomputed `order_files`)."""
   bench = 'retrieval_coco' if task == 'coco_order' else 'retrieval_flickr'
   if order_files:
-    runs = [(os.path.basename(p), read_order_file(p), 'precomputed file') for p in order_files]
+    runs = [(p, read_order_file(p), 'precomputed file') for p in dict.fromkeys(order_files)]
     image_root = os.path.join(data_dir, retrieval.LAYOUT[bench][0])
   else:
     try:

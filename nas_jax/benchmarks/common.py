@@ -102,7 +102,7 @@ def check_mode(mode: str) -> str:
   return mode
 
 
-def _unique(items: Sequence) -> tuple[list, np.ndarray]:
+def unique(items: Sequence) -> tuple[list, np.ndarray]:
   """Unique items in first-seen order and the index of each item in that list."""
   index: dict = {}
   inverse = np.empty(len(items), np.int64)
@@ -114,8 +114,8 @@ def _unique(items: Sequence) -> tuple[list, np.ndarray]:
 def itc_pair_scores(scorer: Scorer, images: Sequence[ImageRef], texts: Sequence[str], *,
                     max_tokens: int | None = None) -> np.ndarray:
   """Cosine of each pair's ITC features [P]; every distinct image and text is encoded once."""
-  uimg, img_idx = _unique(images)
-  utxt, txt_idx = _unique(texts)
+  uimg, img_idx = unique(images)
+  utxt, txt_idx = unique(texts)
   fi, ft = scorer.itc_features(uimg, utxt, max_tokens=max_tokens)
   fi, ft = np.asarray(fi, np.float32), np.asarray(ft, np.float32)
   return np.einsum('pd,pd->p', fi[img_idx], ft[txt_idx]).astype(np.float32)

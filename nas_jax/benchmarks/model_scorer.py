@@ -150,8 +150,8 @@ class ModelScorer(common.ScorerBase):
     out = np.zeros((len(images), 2), np.float32)
     if not len(images):
       return out
-    uimg, img_idx = common._unique(images)
-    utxt, txt_idx = common._unique(texts)
+    uimg, img_idx = common.unique(images)
+    utxt, txt_idx = common.unique(texts)
     ids, mask = self._tokens(utxt, max_tokens)
     order = np.argsort(img_idx, kind='stable')
     bounds = np.searchsorted(img_idx[order], np.arange(0, len(uimg) + self.image_chunk,
