@@ -104,7 +104,7 @@ def load_config_file(spec: str):
 
 def check_data(bench: str, args: argparse.Namespace) -> None:
   """Raises BenchmarkDataError when an official file of `bench` is missing (before any model work)."""
-  from nas_jax.benchmarks import aro, common, retrieval, valse, winoground
+  from nas_jax.benchmarks import common, retrieval, valse, winoground
   d = args.data_dir
   if bench == 'valse':
     root = os.path.join(d, 'valse')
@@ -118,22 +118,31 @@ def check_data(bench: str, args: argparse.Namespace) -> None:
   elif bench in ('retrieval_coco', 'retrieval_flickr'):
     retrieval.find_json(bench, d)
   elif bench == 'aro':
-    root = os.path.join(d, 'aro')
-    for task in args.aro_tasks:
-      if task in aro.VG_FILES:
-        common.require(f'aro/{task}', os.path.join(root, aro.VG_FILES[task]), aro.SOURCE)
-        common.require(f'aro/{task}', os.path.join(root, 'images'), aro.SOURCE, what='folder')
-      elif task in ('coco_order', 'flickr_order'):
-        if task in args.aro_order_file:
-          for path in args.aro_order_file[task]:
-            common.require(f'aro/{task}', path, 'a file you generated (see nas_jax/benchmarks/aro.py)')
-        else:
-          try:
-            retrieval.find_json('retrieval_coco' if task == 'coco_order' else 'retrieval_flickr', d)
-          except common.BenchmarkDataError as e:
-            raise common.BenchmarkDataError(str(e).replace('[retrieval_', f'[aro/{task}: retrieval_')) from None
-      else:
-        raise ValueError(f'unknown ARO task {task!r}: use {", ".join(aro.TASKS)}')
+    try:
+      _check_aro(args)
+    except common.BenchmarkDataError as e:
+      raise common.BenchmarkDataError(
+          f'{e}\n  To run the other ARO tasks only, pass --aro_tasks (now: {",".join(args.aro_tasks)}).') from None
+
+
+def _check_aro(args: argparse.Namespace) -> None:
+  from nas_jax.benchmarks import aro, common, retrieval
+  root = os.path.join(args.data_dir, 'aro')
+  for task in args.aro_tasks:
+    if task in aro.VG_FILES:
+      common.require(f'aro/{task}', os.path.join(root, aro.VG_FILES[task]), aro.SOURCE)
+      common.require(f'aro/{task}', os.path.join(root, 'images'), aro.SOURCE, what='folder')
+    elif task in args.aro_order_file:
+      for path in args.aro_order_file[task]:
+        common.require(f'aro/{task}', path, 'a file you generated (see nas_jax/benchmarks/aro.py)')
+    elif task in ('coco_order', 'flickr_order'):
+      bench = 'retrieval_coco' if task == 'coco_order' else 'retrieval_flickr'
+      try:
+        retrieval.find_json(bench, args.data_dir)
+      except common.BenchmarkDataError as e:
+        raise common.BenchmarkDataError(str(e).replace(f'[{bench}]', f'[aro/{task}]')) from None
+    else:
+      raise ValueError(f'unknown ARO task {task!r}: use {", ".join(aro.TASKS)}')
 
 
 # ---------------------------------------------------------------------------------------- run
