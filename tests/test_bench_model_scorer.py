@@ -53,6 +53,10 @@ def test_matches_direct_model_and_reuses_images(tiny, tmp_path):
                                     image_chunk=8, max_tokens=16, show_progress=False)
   logits = scorer.itm_logits(images, texts)
   fi, ft = scorer.itc_features(refs, words)
+  # A chunk larger than the images present (zero-padded token rows) gives the same logits.
+  wide = model_scorer.ModelScorer(model, params, batch_stats, tok, image_size=res, batch_size=8,
+                                  image_chunk=24, max_tokens=16, show_progress=False)
+  np.testing.assert_allclose(wide.itm_logits(images[:5], texts[:5]), logits[:5], rtol=1e-5, atol=1e-5)
 
   # Reference: the whole set at once, no batching, chunking or sharding.
   variables = {'params': {k: v for k, v in params.items() if k != 'temp'}, 'batch_stats': batch_stats}

@@ -131,18 +131,20 @@ class ModelScorer(common.ScorerBase):
   # ------------------------------------------------------------------------------ device side
   def _encode_chunk(self, pixels: np.ndarray) -> tuple[jax.Array, np.ndarray]:
     """Fusion tokens [image_chunk, 1+N, D] (replicated, zero rows past len(pixels)) and ITC
-    features [len(pixels), E]."""
+    features [len(pixels), E]. Only the batches holding images are run."""
     b = self.batch_size
     toks, feats = [], []
-    for s in range(0, self.image_chunk, b):
+    for s in range(0, len(pixels), b):
       part = pixels[s:s + b]
-      if not len(part):
-        toks.append(jnp.zeros_like(toks[-1]))
-        continue
       t, f = self._enc_img(self.variables, jax.device_put(self._pad(part, b), self._data))
       toks.append(t)
-      feats.append(np.asarray(f)[:len(part)])
-    return jnp.concatenate(toks), np.concatenate(feats)
+      feats.append(f)
+    rows = len(toks) * b
+    if rows < self.image_chunk:  # Keep one static shape for the pair step.
+      pad = np.zeros((self.image_chunk - rows,) + toks[0].shape[1:], toks[0].dtype)
+      toks.append(jax.device_put(pad, self._rep))
+    feats = np.concatenate([np.asarray(f) for f in feats])[:len(pixels)]
+    return jnp.concatenate(toks), feats
 
   def itm_logits(self, images, texts, *, max_tokens=None) -> np.ndarray:
     if len(images) != len(texts):
