@@ -141,6 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
       crop_scale_min=0.2,      # RandomResizedCrop area range (ALBEF: 0.2 pretrain, 0.5 retrieval).
       max_words=30,            # pre_caption word limit.
       read_threads=2,          # grain threads per process or worker (PIL/OpenCV release the GIL).
+      image_dtype='float32',   # 'uint8': raw pixels, normalised on device (transforms.normalize_jax).
       tfds=ml_collections.ConfigDict(dict(
           name='', data_dir='', image_key='image', caption_key='captions/text',
           id_key='image/id')),
