@@ -246,3 +246,16 @@ def test_negclip_sample_gives_pairs_with_a_hard_negative(samples_dir, tmp_path, 
   ids, mask = tok(rec.texts[-1], 16)
   np.testing.assert_array_equal(batch["neg_text_ids"][-1], ids[1])
   np.testing.assert_array_equal(batch["text_mask"][-1], mask[0])
+
+
+def test_uint8_images_are_the_float_batch_before_normalisation(tok):
+  import jax.numpy as jnp
+  from nas_jax.data import transforms
+  c = _config()
+  floats = next(pipeline.make_train_iterator(c, tok))
+  c.data.image_dtype = "uint8"
+  raw = next(pipeline.make_train_iterator(c, tok))
+  assert raw["image"].dtype == np.uint8 and pipeline.batch_spec(c)["image"].dtype == np.uint8
+  np.testing.assert_allclose(np.asarray(transforms.normalize_jax(jnp.asarray(raw["image"]))),
+                             floats["image"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(raw["text_ids"], floats["text_ids"])

@@ -65,7 +65,8 @@ def _config(source: str, paths, image_root: str, args) -> config_lib.ml_collecti
   c.data.update(dict(source=source, paths=tuple(paths), image_root=image_root,
                      image_size=args.image_size, batch_size=args.batch_size,
                      max_text_len=args.max_text_len, read_threads=args.threads,
-                     prefetch=2, max_error_rate=0.05, vocab=args.vocab))
+                     prefetch=2, max_error_rate=0.05, vocab=args.vocab,
+                     image_dtype=args.image_dtype))
   return c
 
 
@@ -126,6 +127,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--max_text_len", type=int, default=25)
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--threads", type=int, default=1, help="grain read threads per process")
+  p.add_argument("--image_dtype", default="float32", choices=("float32", "uint8"),
+                 help="batch image dtype (uint8: normalised later on the device)")
   p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   p.add_argument("--samples", type=int, default=200, help="samples for the stage breakdown")
   p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline run")
@@ -177,7 +180,7 @@ def main(argv=None) -> list[dict]:
       print(f"[bench] {name}: {w} worker(s) → {rate:,.0f} images/s", file=sys.stderr)
 
   load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-  print(f"\nimage {args.image_size} px, batch {args.batch_size}, text {args.max_text_len} tokens, "
+  print(f"\nimage {args.image_size} px {args.image_dtype}, batch {args.batch_size}, text {args.max_text_len} tokens, "
         f"{args.threads} read thread(s), {os.cpu_count()} CPU core(s) visible (load average "
         f"{load}), OpenCV {'on' if T.cv2 is not None else 'off'}, vocab {args.vocab}\n")
   print("| path | KiB/image | workers | images/s | per worker | one core, in-process | "

@@ -9,7 +9,9 @@ generator seeded by (seed, epoch, record index), so data are identical whatever 
 workers or threads, and a restored iterator state resumes on exactly the next batch.
 
 Batch contract (host-local numpy; b = data.batch_size // process_count, L = data.max_text_len):
-  image          float32 [b, H, W, 3]  normalised with ALBEF's mean/std
+  image          float32 [b, H, W, 3]  normalised with ALBEF's mean/std (data.image_dtype='uint8':
+                                       uint8 pixels; normalise on the device with
+                                       transforms.normalize_jax)
   text_ids       int32   [b, L]        [CLS] … [SEP] [PAD]…
   text_mask      int32   [b, L]
   image_id       int32   [b]           same-image key
@@ -69,10 +71,12 @@ def make_transform(config) -> T.TrainTransform:
     mode = "flip" if d.source == "synthetic" else "full"
   if mode not in ("full", "flip", "none"):
     raise ValueError(f"config.data.augment={d.augment!r}: use 'auto', 'full', 'flip' or 'none'")
+  if d.image_dtype not in ("float32", "uint8"):
+    raise ValueError(f"config.data.image_dtype={d.image_dtype!r}: use 'float32' or 'uint8'")
   return T.TrainTransform(
       d.image_size, crop=mode == "full", crop_scale=(d.crop_scale_min, 1.0),
       flip=mode != "none", swap_left_right=d.flip_swaps_left_right,
-      randaugment=mode == "full" and d.randaugment)
+      randaugment=mode == "full" and d.randaugment, normalize=d.image_dtype == "float32")
 
 
 class SampleMaker:
@@ -301,7 +305,7 @@ def batch_spec(config) -> dict:
 
   d = config.data
   b, res, L = d.batch_size, d.image_size, d.max_text_len
-  spec = dict(image=jax.ShapeDtypeStruct((b, res, res, 3), np.float32),
+  spec = dict(image=jax.ShapeDtypeStruct((b, res, res, 3), np.dtype(d.image_dtype)),
               text_ids=jax.ShapeDtypeStruct((b, L), np.int32),
               text_mask=jax.ShapeDtypeStruct((b, L), np.int32),
               image_id=jax.ShapeDtypeStruct((b,), np.int32))

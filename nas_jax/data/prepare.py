@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -62,7 +63,10 @@ class Packer:
     if img.format == "JPEG" and img.mode == "RGB" and max(img.size) <= self.max_side:
       img.load()                   # Verifies the whole file decodes (catches truncation).
       return data
-    img.draft("RGB", (self.max_side, self.max_side))   # Fast DCT downscale, still ≥ max_side.
+    w, h = img.size
+    k = self.max_side / max(w, h)    # Fast DCT downscale (JPEG), keeping the longer side ≥ max_side.
+    if k < 1:
+      img.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
     img = img.convert("RGB")
     if max(img.size) > self.max_side:
       scale = self.max_side / max(img.size)
