@@ -147,3 +147,19 @@ def test_string_table_roundtrip_unicode():
   t = sources.StringTable(words)
   assert [t[i] for i in range(len(t))] == words
   assert isinstance(t._buf, np.ndarray)
+
+
+def test_tfds_records_map_to_raw_records():
+  # tfds.data_source gives dicts of numpy values (coco_captions: flat "image/id", nested
+  # captions/text); the mapping is tested without TFDS installed.
+  src = object.__new__(sources.TfdsSource)
+  src.name, src.image_key, src.caption_key, src.id_key = ("coco_captions", "image",
+                                                          "captions/text", "image/id")
+  img = np.zeros((5, 6, 3), np.uint8)
+  src._src = [{"image": img, "image/id": np.int64(391895),
+               "captions": {"text": np.array([b"a cat", b"a dog"], dtype=object)}},
+              {"image": img, "captions": {"text": b"only one"}}]
+  r = src[0]
+  assert r["captions"] == ["a cat", "a dog"] and r["image"].shape == (5, 6, 3)
+  assert r["image_id"] == 391895 and r["path"] == "tfds:coco_captions[0]"
+  assert src[1]["captions"] == ["only one"] and src[1]["image_id"] == 1   # No id: the index.

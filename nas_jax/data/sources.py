@@ -327,13 +327,16 @@ class TfdsSource:
     caps = [c.decode("utf-8") if isinstance(c, bytes) else _as_caption(c) for c in caps]
     try:
       image_id = int(np.asarray(_nested(ex, self.id_key)))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError):
       image_id = i
     return dict(image=image, captions=caps, image_id=image_id, neg_captions=[],
                 path=f"tfds:{self.name}[{i}]")
 
 
 def _nested(ex: dict, key: str):
+  """ex['a/b'] if TFDS flattened the name (coco_captions' 'image/id'), else ex['a']['b']."""
+  if key in ex:
+    return ex[key]
   for part in key.split("/"):
     ex = ex[part]
   return ex
