@@ -95,3 +95,15 @@ def test_missing_data_error(tmp_path):
     winoground.evaluate(str(tmp_path), common.TableScorer())
   assert '[winoground]' in str(e.value) and 'examples.jsonl' in str(e.value)
   assert 'facebook/winoground' in str(e.value)
+
+
+def test_image_ref_errors_name_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nope.png'):
+    common.ImageRef(str(tmp_path / 'nope.png')).load()
+  (tmp_path / 'bad.png').write_bytes(b'not an image')
+  with pytest.raises(OSError, match='bad.png.*cannot be read'):
+    common.ImageRef(str(tmp_path / 'bad.png')).load()
+  with pytest.raises(ValueError, match='path or an in-memory key'):
+    common.ImageRef()
+  Image.new('RGB', (10, 8)).save(tmp_path / 'ok.png')
+  assert common.ImageRef(str(tmp_path / 'ok.png'), box=(2, 1, 5, 4)).load().size == (5, 4)

@@ -57,6 +57,8 @@ class ImageRef:
     except FileNotFoundError:
       raise FileNotFoundError(f'image {self.path} does not exist (check --data_dir and the '
                               'image folder layout in nas_jax/eval.py)') from None
+    except OSError as e:  # PIL.UnidentifiedImageError, truncated files.
+      raise OSError(f'image {self.path} cannot be read ({e}): re-download or replace it') from None
     if self.box is not None:
       x, y, w, h = self.box
       image = image.crop((x, y, x + w, y + h))
