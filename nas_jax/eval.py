@@ -56,7 +56,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--score', choices=('itm', 'itm_l1', 'itc', 'itm+itc'), default=None,
                  help='pair score for every benchmark (default: each benchmark\'s protocol)')
   p.add_argument('--vocab', default='', help="BERT vocab.txt / model dir (default: config.data.vocab)")
-  p.add_argument('--image_size', type=int, default=0, help='eval resolution (default: the model\'s)')
   p.add_argument('--batch_size', type=int, default=0, help='pairs per step over all local devices (default: 256 per device)')
   p.add_argument('--max_tokens', type=int, default=0, help='token limit for every benchmark '
                  '(default: 40 VALSE/Winoground/ARO, 30 retrieval)')
@@ -237,9 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   config = load_config_file(args.config) if args.config else None
   config, params, batch_stats = checkpoint.load_params(args.checkpoint, config)
-  image_size = args.image_size or config.model.vit.image_size
+  image_size = config.model.vit.image_size  # Position embeddings fix the resolution.
   model = NASModel(config=config.model)
   tokenizer = load_tokenizer(args.vocab or config.data.vocab)
+  if tokenizer.vocab_size != config.model.bert.vocab_size:
+    print(f'error: the vocabulary {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens but the '
+          f'model has {config.model.bert.vocab_size}: pass --vocab with the model\'s vocab.txt '
+          '(bert-base-uncased for ALBEF/NAS checkpoints)', file=sys.stderr)
+    return 2
   scorer = ModelScorer(model, params, batch_stats, tokenizer, image_size=image_size,
                        batch_size=args.batch_size or max(config.eval.batch_size,
                                                          256 * jax.local_device_count()),

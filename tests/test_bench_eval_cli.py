@@ -91,3 +91,10 @@ def test_end_to_end_tiny_checkpoint(tmp_path, samples_dir, capsys):
   for key in ('attribute', 'winoground_group', 'r_mean'):
     assert metrics[key] == pytest.approx(syn['details']['metrics'][key])
   assert table == syn['tables']['Synthetic suite']
+
+  # A vocabulary that does not fit the model's embedding table is refused.
+  vocab = tmp_path / 'vocab.txt'
+  vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a']))
+  rc = nas_eval.main(['--bench', 'synthetic', '--checkpoint', str(tmp_path / 'run'),
+                      '--vocab', str(vocab), '--out', str(out)])
+  assert rc == 2 and 'has 6 tokens but the model has' in capsys.readouterr().err
