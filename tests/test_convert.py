@@ -345,3 +345,32 @@ def test_cli_end_to_end(tmp_path, capsys):
   back = convert.load_converted(tmp_path / "out")
   assert back["params"]["vit"]["pos_embed"].shape == (1, 1 + 16, DV)
   assert back["queues"]["image_queue"].shape == (Q, E)
+
+
+def test_reading_pytorch_files_in_the_torch_venv(run_torch, tmp_path):
+  """load_state_dict on real torch.save files (ALBEF/DeiT-style {'model': ...} with extra entries,
+  a bare HF .bin, a bfloat16 tensor), run where torch is installed; numpy is all it returns."""
+  script = f"""
+import sys
+sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parents[1])!r})
+import numpy as np, torch
+from nas_jax.convert import load_state_dict
+d = {str(tmp_path)!r}
+sd = {{"a.weight": torch.arange(6.).reshape(2, 3), "b": torch.tensor([1.5], dtype=torch.bfloat16),
+      "queue_ptr": torch.zeros(1, dtype=torch.long)}}
+torch.save({{"model": sd, "epoch": 3, "config": {{"lr": 1e-4}}}}, d + "/ckpt.pth")
+torch.save(sd, d + "/pytorch_model.bin")
+out = {{}}
+for name in ("ckpt.pth", "pytorch_model.bin"):
+  loaded = load_state_dict(d + "/" + name)
+  assert sorted(loaded) == ["a.weight", "b", "queue_ptr"], loaded.keys()
+  assert all(isinstance(v, np.ndarray) for v in loaded.values())
+  for k, v in loaded.items():
+    out[name + ":" + k] = v
+np.savez(sys.argv[2], **out)
+"""
+  out = run_torch(script)
+  for name in ("ckpt.pth", "pytorch_model.bin"):
+    np.testing.assert_array_equal(out[f"{name}:a.weight"], np.arange(6.0).reshape(2, 3))
+    assert out[f"{name}:b"].dtype == np.float32 and out[f"{name}:b"][0] == 1.5
+    assert out[f"{name}:queue_ptr"].dtype == np.int64
