@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
       input_proj=True,    # Linear -> LayerNorm -> ReLU before quantization.
       init='normal',      # 'normal' (paper) or 'data' (first batch's features).
       init_std=1.0,
+      reuse_gate=True,    # NVA negative mixes with the positive's gate weights (authors' code).
   ))
   c.model.dtype = 'float32'          # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   c.model.attention = 'xla'          # 'xla' or 'cudnn' (jax.nn.dot_product_attention).
@@ -101,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
       ratio=0.3,
       lam=0.5,
       k=3,
+      scope='image',      # 'image': every patch with a primary code is replaced (DESIGN.md); 'primary'.
+      norm='l2',          # How the k distances are normalised before softmax(1/d): 'l2' or 'max'.
   ))
   c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, mlm=1.0, itm=1.0))
 

@@ -69,10 +69,12 @@ class Tokenizer:
   """
 
   def __init__(self, vocab: str, lowercase: bool = True):
-    from transformers import BertTokenizer  # Slow tokenizer: the fast one mis-reads a bare vocab file.
+    from transformers import BertTokenizer
 
     self.vocab_file = _resolve_vocab(vocab)
-    self._tok = BertTokenizer(vocab_file=self.vocab_file, do_lower_case=lowercase)
+    # transformers 5: `vocab=` (a path or a dict) is what reads a bare vocab.txt; `vocab_file=`
+    # silently yields a 5-token vocabulary that maps every word to [UNK].
+    self._tok = BertTokenizer(vocab=self.vocab_file, do_lower_case=lowercase)
     self.pad_id = self._tok.pad_token_id
     self.cls_id = self._tok.cls_token_id
     self.sep_id = self._tok.sep_token_id

@@ -1,0 +1,34 @@
+r"""Fine-tuning on text-augmented COCO (NegCLIP's hard-negative captions) — NAS(NTA) / NAS(NTVA).
+
+Each sample carries a text hard negative T_fg (a random element of the row's `neg_caption`), and
+FGITM gets the extra negative pair (I, T_fg). `:ntva` also turns NVA on (the paper's best model).
+
+  python -m nas_jax.train --config configs/finetune_nta.py:ntva --workdir runs/ft_ntva \
+      --config.init_from=runs/stage2 --config.data.paths="('/data/train_neg_clip.tsv',)" \
+      --config.data.image_root=/data --config.data.vocab=/models/bert-base-uncased
+"""
+
+from nas_jax import config_lib
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "", "nta", "ntva"):
+    raise ValueError(f"configs/finetune_nta.py:{arg}: use ':nta' (default) or ':ntva'")
+  c = config_lib.base_config()
+  c.stage = 3
+  c.model.dtype = "bfloat16"
+  c.model.vit.image_size = 384
+  c.data.image_size = 384
+  c.itm.text_negatives = True
+  c.nva.enabled = arg == "ntva"
+  c.num_epochs = 5
+  c.optim.lr = 1e-5
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_steps = 0
+  c.data.source = "negclip_tsv"
+  c.data.vocab = ""
+  c.data.batch_size = 256
+  c.data.max_text_len = 30
+  c.data.num_workers = 8
+  c.checkpoint.every = 2000
+  return c

@@ -1,0 +1,128 @@
+"""NASModel: ViT + BERT (text / fusion / MLM head) + ITC projections + ITM head + visual dictionary.
+
+The module is a bag of methods, one per quantity the objectives need; each runs on the online
+parameters or, given the momentum tree, on the momentum encoders (`vit`, `bert`, `vision_proj`,
+`text_proj` — the parts ALBEF keeps a momentum copy of):
+
+  encode_image(images)                    → {'embeds': [B,1+N,D], 'feat': [B,E] (L2-normalised)}
+  encode_text(ids, mask)                  → {'embeds': [B,L,D], 'feat': [B,E]}
+  dictionary_tokens(image_embeds, update) → ([B,1+N,D] tokens for fusion, VD aux)   (NAS §3.1)
+  tokens_from_codes(image_embeds, aux, codes, replaced, codebook) → [B,1+N,D]  (an NVA negative)
+  image_tokens_for_fusion(image_embeds)   → VD tokens (use_dictionary) or the ViT tokens (ALBEF)
+  fuse(text_embeds, text_mask, image_tokens) → [B,L,D]
+  itm_logits(fused) → [B,2] float32;  mlm_logits(fused) → [B,L,V] float32
+
+The ITC temperature is not a Flax parameter of this module: it is the scalar `params['temp']`
+beside the module's parameters (ALBEF's `self.temp`), so the momentum tree can be applied with the
+same module without carrying it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from nas_jax.models.bert import BertModel
+from nas_jax.models.dictionary import VisualDictionary
+from nas_jax.models.vit import VisionTransformer
+
+MOMENTUM_KEYS = ("vit", "bert", "vision_proj", "text_proj")
+
+
+def compute_dtype(name: str):
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+  except KeyError:
+    raise ValueError(f"config.model.dtype={name!r}: use 'float32' or 'bfloat16'") from None
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """F.normalize(x, dim=-1) in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class NASModel(nn.Module):
+  config: ml_collections.ConfigDict  # the `model` section of nas_jax/config_lib.py
+
+  def setup(self):
+    c = self.config
+    dtype = compute_dtype(c.dtype)
+    self.vit = VisionTransformer(config=c.vit, dtype=dtype, attention=c.vit_attention or c.attention,
+                                 remat=c.remat)
+    self.bert = BertModel(config=c.bert, dtype=dtype, attention=c.attention, remat=c.remat)
+    self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
+    self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)
+    self.itm_head = nn.Dense(2, dtype=jnp.float32)
+    if c.use_dictionary:
+      grid = c.vit.image_size // c.vit.patch_size
+      d = c.dictionary
+      self.dictionary = VisualDictionary(
+          size=d.size, dim=c.vit.hidden_size, momentum=d.momentum, gate=d.gate,
+          input_proj=d.input_proj, init=d.init, init_std=d.init_std, dtype=dtype, grid=(grid, grid))
+
+  # ------------------------------------------------------------------ unimodal encoders
+  def encode_image(self, images: jax.Array, *, train: bool = False) -> dict:
+    embeds = self.vit(images, train=train)
+    return {"embeds": embeds, "feat": l2_normalize(self.vision_proj(embeds[:, 0]))}
+
+  def encode_text(self, ids: jax.Array, mask: jax.Array, *, train: bool = False) -> dict:
+    embeds = self.bert.text(ids, mask, train=train)
+    return {"embeds": embeds, "feat": l2_normalize(self.text_proj(embeds[:, 0]))}
+
+  # ------------------------------------------------------------------ visual dictionary
+  def dictionary_tokens(self, image_embeds: jax.Array, *, update: bool = False):
+    """[v_cls; VD(v_1..v_N)] — what the fusion encoder attends to for ITM (NAS §3.1)."""
+    tokens, aux = self.dictionary(image_embeds[:, 1:], update=update)
+    return jnp.concatenate([image_embeds[:, :1], tokens.astype(image_embeds.dtype)], axis=1), aux
+
+  def codebook(self) -> jax.Array:
+    return self.dictionary.codebook()
+
+  def tokens_from_codes(self, image_embeds: jax.Array, aux: dict, codes: jax.Array,
+                        replaced: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Tokens of the NVA negative I_fg: replaced patches take their new code's dictionary entry,
+    the others keep their quantised feature; then the same VD head (`VisualDictionary.negative_tokens`).
+
+    `codebook` [m, C] is the dictionary the codes were assigned with (read before this step's
+    update, which inside one `apply` is already visible in the variable).
+    """
+    tokens = self.dictionary.negative_tokens(aux["q"], aux["f"], codes, replaced,
+                                             reuse_gate=self.config.dictionary.reuse_gate,
+                                             codebook=codebook)
+    return jnp.concatenate([image_embeds[:, :1], tokens.astype(image_embeds.dtype)], axis=1)
+
+  def image_tokens_for_fusion(self, image_embeds: jax.Array) -> jax.Array:
+    if self.config.use_dictionary:
+      return self.dictionary_tokens(image_embeds, update=False)[0]
+    return image_embeds
+
+  # ------------------------------------------------------------------ fusion and heads
+  def fuse(self, text_embeds: jax.Array, text_mask: jax.Array, image_tokens: jax.Array, *,
+           train: bool = False) -> jax.Array:
+    return self.bert.fuse(text_embeds, text_mask, image_tokens, train=train)
+
+  def itm_logits(self, fused: jax.Array) -> jax.Array:
+    return self.itm_head(fused[:, 0].astype(jnp.float32))
+
+  def mlm_logits(self, fused: jax.Array) -> jax.Array:
+    return self.bert.mlm_logits(fused)
+
+  def mlm(self, ids: jax.Array, mask: jax.Array, image_embeds: jax.Array, *,
+          train: bool = False) -> jax.Array:
+    """The full BERT on (masked) text with cross-attention to the continuous image tokens → logits."""
+    hidden = self.bert.text(ids, mask, train=train)
+    return self.mlm_logits(self.fuse(hidden, mask, image_embeds, train=train))
+
+  def __call__(self, images, ids, mask, *, train: bool = False):
+    """Touches every parameter (used by `init`)."""
+    img = self.encode_image(images, train=train)
+    txt = self.encode_text(ids, mask, train=train)
+    if self.config.use_dictionary:
+      tokens, _ = self.dictionary_tokens(img["embeds"], update=False)
+    else:
+      tokens = img["embeds"]
+    fused = self.fuse(txt["embeds"], mask, tokens, train=train)
+    return self.itm_logits(fused), self.mlm_logits(fused), img["feat"], txt["feat"]

@@ -1,0 +1,35 @@
+"""AdamW with linear warm-up and cosine decay, as ALBEF/NAS train.
+
+Weight decay (0.02) applies to matrices and embeddings only — not to biases, LayerNorm scales or the
+temperature (timm's `add_weight_decay`, which ALBEF's optimizer factory uses, skips every parameter
+with fewer than two dimensions).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """min_lr → lr linearly over `warmup_steps`, then cosine to min_lr at `total_steps`."""
+  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=optim.min_lr, peak_value=optim.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=optim.min_lr)
+
+
+def decay_mask(params):
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+  """Returns (optax transformation, schedule)."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  parts = []
+  if optim.grad_clip and optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,328 @@
+r"""Train NAS / ALBEF: `python -m nas_jax.train --config configs/X.py[:arg] --workdir DIR [--config.a.b=v]`.
+
+One readable story, in sections: logging → mesh → input → model and optimiser → sharded init
+(resume / init_from) → the jitted step → loop (progress, metrics, checkpoints, preemption) →
+evaluation. A run started in a workdir that has a checkpoint resumes from it, data order included.
+SIGTERM / SIGINT finish the current step, save, and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nas_jax import checkpoint as ckpt_lib
+from nas_jax import optim, sharding
+from nas_jax.metrics_writer import MetricWriter
+from nas_jax.models.nas import NASModel
+from nas_jax.train_step import TokenIds, TrainState, init_state, make_train_step
+
+log = logging.getLogger("nas_jax.train")
+
+
+# ============================================================================ helpers
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step (a second SIGINT kills)."""
+
+  def __init__(self):
+    self.requested: str | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread (e.g. notebooks): no handler.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: str
+  final_step: int
+  interrupted: bool
+  eval_metrics: dict
+
+
+def steps_plan(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+  """(total optimiser steps, α warm-up steps = one epoch)."""
+  steps_per_epoch = max(num_train // config.data.batch_size, 1)
+  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  warm = config.itc.alpha_warmup_steps
+  return int(total), int(warm if warm >= 0 else steps_per_epoch)
+
+
+def _merge_converted(params: dict, tree: dict, what: str) -> dict:
+  """Overwrites `params` leaves with those of a converted PyTorch tree (shapes must agree)."""
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  out_flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  used, leaves = set(), []
+  for path, leaf in out_flat:
+    key = "/".join(str(getattr(k, "key", k)) for k in path)
+    if key in flat:
+      src = np.asarray(flat[key])
+      if src.shape != leaf.shape:
+        raise ValueError(f"init_from {what}: {key} has shape {src.shape}, the model expects "
+                         f"{tuple(leaf.shape)} (config and converted checkpoint disagree)")
+      leaves.append(jnp.asarray(src, leaf.dtype))
+      used.add(key)
+    else:
+      leaves.append(leaf)
+  unused = sorted(set(flat) - used)
+  if unused:
+    log.warning("init_from %s: %d converted tensors have no place in this model, e.g. %s",
+                what, len(unused), unused[:5])
+  log.info("init_from %s: %d/%d tensors loaded", what, len(used), len(out_flat))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def load_init(path: str, state: TrainState, abstract_state: TrainState,
+              config: ml_collections.ConfigDict) -> TrainState:
+  """`config.init_from`: parameters, momentum parameters, VD codebook and queues from another stage's
+  checkpoint (optimiser state and step start fresh), or a `nas_jax.convert` output directory."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--config.init_from={path!r} does not exist: pass a training workdir "
+                            "(e.g. the stage-1 run) or a directory written by `python -m nas_jax.convert`")
+  if ckpt_lib.is_converted(path):
+    from nas_jax import convert
+    tree = convert.load_converted(path)
+    params = _merge_converted(state.params, tree.get("params", tree), path)
+    params_m = (_merge_converted(state.params_m, tree["params_m"], path + " (momentum)")
+                if "params_m" in tree else jax.tree.map(jnp.copy, {k: params[k] for k in state.params_m}))
+    queues = dict(state.queues)
+    for name, key in (("image", "image_queue"), ("text", "text_queue"), ("idx", "idx_queue")):
+      q = tree.get("queues", {}).get(key)
+      if q is not None and tuple(np.shape(q)) == tuple(queues[name].shape):
+        queues[name] = jnp.asarray(q, queues[name].dtype)
+    return state.replace(params=params, params_m=params_m, queues=queues)
+  other, _ = ckpt_lib.restore_state_from(path, abstract_state, config)
+  return state.replace(params=other.params, params_m=other.params_m,
+                       batch_stats=other.batch_stats, queues=other.queues)
+
+
+# ============================================================================ one run
+def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> RunResult:
+  c = config
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(c.mesh, devices)
+  sharding.check_batch_size(c.data.batch_size, mesh)
+  from nas_jax import objectives
+  objectives.check_queue_size(c.itc.queue_size, c.data.batch_size)
+  log.info("%s", sharding.describe(mesh))
+
+  # ---------------------------------------------------------------- input
+  from nas_jax.data import pipeline
+  from nas_jax.data.text import load_tokenizer
+  tokenizer = load_tokenizer(c.data.vocab)
+  if tokenizer.vocab_size > c.model.bert.vocab_size:
+    raise ValueError(f"the vocabulary {c.data.vocab!r} has {tokenizer.vocab_size} tokens but "
+                     f"config.model.bert.vocab_size={c.model.bert.vocab_size}: make them agree")
+  if c.data.image_size != c.model.vit.image_size:
+    raise ValueError(f"config.data.image_size={c.data.image_size} != "
+                     f"config.model.vit.image_size={c.model.vit.image_size}")
+  num_train = c.data.num_train_samples if c.data.num_train_samples > 0 else len(
+      pipeline.make_source(c, "train"))
+  total_steps, alpha_warmup = steps_plan(c, num_train)
+  data_iter = pipeline.make_train_iterator(c, tokenizer, process_index=jax.process_index(),
+                                           process_count=jax.process_count())
+
+  # ---------------------------------------------------------------- model and optimiser
+  model = NASModel(config=c.model)
+  tx, schedule = optim.make_optimizer(c.optim, total_steps)
+
+  # ---------------------------------------------------------------- sharded init / resume
+  rng = jax.random.PRNGKey(c.seed)
+  abstract = jax.eval_shape(lambda r: init_state(c, model, tx, r), rng)
+  state_sh = sharding.state_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep,
+                                       async_save=c.checkpoint.async_save)
+  with jax.set_mesh(mesh):
+    if checkpointer.latest_step() is not None:
+      state, start = checkpointer.restore(abstract, c, data_iter)
+      log.info("resumed from %s at step %d", checkpointer.directory, start)
+    else:
+      state = jax.jit(lambda r: init_state(c, model, tx, r), out_shardings=state_sh)(rng)
+      if c.init_from:
+        state = load_init(c.init_from, state, abstract, c)
+        state = jax.device_put(state, state_sh)
+      start = 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  log.info("model: %.1fM parameters; %d steps of %d samples (%d per epoch); stage %d%s",
+           n_params / 1e6, total_steps, c.data.batch_size, num_train, c.stage,
+           " (NVA)" if c.nva.enabled else "")
+
+  # ---------------------------------------------------------------- the step
+  token_ids = TokenIds(pad=tokenizer.pad_id, cls=tokenizer.cls_id, mask=tokenizer.mask_id)
+  step_fn = make_train_step(c, model, tx, schedule, token_ids=token_ids,
+                            num_groups=sharding.num_batch_shards(mesh),
+                            alpha_warmup_steps=alpha_warmup)
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                       donate_argnums=0)
+
+  # ---------------------------------------------------------------- loop
+  writer = MetricWriter(workdir, enabled=is_main)
+  interrupted = False
+  pending = None  # (step, metrics on device) of the previous step, fetched one step late.
+  t_last, n_last = time.time(), start
+
+  def drain(pending):
+    step, m = pending
+    m = jax.device_get(m)
+    if not bool(m["finite"]):
+      msg = (f"loss is not finite at step {step} (loss={float(m['loss'])}, itc={float(m['loss_itc'])}, "
+             f"itm={float(m['loss_itm'])}, mlm={float(m['loss_mlm'])})")
+      if c.nonfinite == "stop":
+        raise FloatingPointError(msg + f"; the last checkpoint is step {checkpointer.latest_step()}."
+                                 " Lower the learning rate or set --config.nonfinite=skip")
+      log.warning("%s: update skipped", msg)
+    return step, m
+
+  bar = None
+  if is_main:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=start, desc=f"stage {c.stage}", unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+  with PreemptionGuard() as guard, jax.set_mesh(mesh):
+    for step in range(start, total_steps):
+      batch = sharding.host_to_global(next(data_iter), mesh)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        done, m = drain(pending)
+        if bar is not None:
+          bar.update(1)
+        if (done + 1) % c.log_every == 0 or done == start:
+          now = time.time()
+          rate = (done + 1 - n_last) * c.data.batch_size / max(now - t_last, 1e-9)
+          t_last, n_last = now, done + 1
+          m = {k: v for k, v in m.items() if k != "finite"}
+          writer.write(done + 1, {**m, "samples_per_s": rate})
+          if bar is not None:
+            bar.set_postfix(loss=f"{float(m['loss']):.3f}", itm_acc=f"{float(m['itm_acc']):.2f}",
+                            samples_s=f"{rate:.0f}")
+      pending = (step, metrics)
+      if c.checkpoint.every > 0 and (step + 1) % c.checkpoint.every == 0 and step + 1 < total_steps:
+        checkpointer.save(step + 1, state, c, data_iter)
+      if c.eval_every > 0 and (step + 1) % c.eval_every == 0 and step + 1 < total_steps:
+        run_evals(c, model, state, mesh, tokenizer, writer, step + 1, workdir, final=False)
+      if guard.requested:
+        log.warning("%s received: saving step %d and exiting", guard.requested, step + 1)
+        interrupted = True
+        break
+    if pending is not None:
+      drain(pending)
+      if bar is not None:
+        bar.update(1)
+    if bar is not None:
+      bar.close()
+    final_step = int(jax.device_get(state.step))
+    if final_step > start or checkpointer.latest_step() is None:
+      checkpointer.save(final_step, state, c, data_iter, force=True)
+    checkpointer.close()
+    eval_metrics = {}
+    if not interrupted:
+      eval_metrics = run_evals(c, model, state, mesh, tokenizer, writer, final_step, workdir,
+                               final=True)
+  writer.close()
+  return RunResult(workdir=workdir, final_step=final_step, interrupted=interrupted,
+                   eval_metrics=eval_metrics)
+
+
+def run_evals(config, model, state, mesh, tokenizer, writer, step, workdir, *, final: bool) -> dict:
+  """Synthetic fine-grained suite + held-out retrieval + ITM accuracy (synthetic data only)."""
+  if config.data.source != "synthetic" or not config.eval.enabled:
+    return {}
+  from nas_jax import synthetic_eval
+  metrics, table = synthetic_eval.evaluate(config, model, state.params, state.batch_stats, mesh,
+                                           tokenizer)
+  writer.write(step, metrics, prefix="eval/")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"step": step, **metrics}, f, indent=2)
+    with open(os.path.join(workdir, "eval.md"), "w") as f:
+      f.write(table + "\n")
+    if final:
+      print(f"\nEvaluation after {step} steps ({workdir}):\n\n{table}\n", flush=True)
+  return metrics
+
+
+# ============================================================================ CLI
+def stage2_config(config: ml_collections.ConfigDict, stage1_dir: str) -> ml_collections.ConfigDict:
+  """The stage-2 continuation of a run with `config.stage2_steps > 0` (NVA on, from stage 1)."""
+  c2 = ml_collections.ConfigDict(config.to_dict())
+  c2.stage = 2
+  c2.nva.enabled = True
+  c2.init_from = stage1_dir
+  c2.total_steps = config.stage2_steps
+  c2.stage2_steps = 0
+  c2.optim.warmup_steps = min(config.optim.warmup_steps, max(config.stage2_steps // 10, 1))
+  c2.lock()
+  return c2
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+  for noisy in ("absl", "jax._src", "orbax", "grain", "etils"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  sharding.initialize_distributed()
+  try:
+    if config.stage2_steps > 0:
+      r1 = train(config, os.path.join(workdir, "stage1"))
+      if not r1.interrupted:
+        train(stage2_config(config, r1.workdir), os.path.join(workdir, "stage2"))
+    else:
+      train(config, workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def cli():
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and evaluations go.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

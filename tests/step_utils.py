@@ -1,0 +1,68 @@
+"""Shared helpers for tests of the NAS step: a tiny config, a fixed synthetic batch, a built step."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = "demo.py", arg: str | None = "tiny"):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", ROOT / "configs" / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config(**overrides):
+  """The demo's tiny config (32 px, 2+2 layers, width 64), with `a.b=value` style overrides."""
+  c = load_config()
+  c.unlock()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+def fixed_batch(config, batch_size: int | None = None, seed: int = 0) -> dict:
+  """One batch of the synthetic world, through the real tokenizer and normalisation."""
+  from nas_jax.data import synthetic
+  from nas_jax.data.text import load_tokenizer
+  from nas_jax.data.transforms import normalize
+
+  b = batch_size or config.data.batch_size
+  src = synthetic.SyntheticSource(b, seed=seed, split="train", image_size=config.data.image_size)
+  recs = [src[i] for i in range(b)]
+  tok = load_tokenizer(config.data.vocab)
+  ids, mask = tok([r["caption"] for r in recs], config.data.max_text_len)
+  neg_ids, neg_mask = tok([r["neg_captions"][0] for r in recs], config.data.max_text_len)
+  images = np.stack([normalize(r["image"]) for r in recs]).astype(np.float32)
+  return {"image": images, "text_ids": ids, "text_mask": mask,
+          "image_id": np.arange(b, dtype=np.int32),
+          "neg_text_ids": neg_ids, "neg_text_mask": neg_mask}
+
+
+def build(config, *, num_groups: int = 1, alpha_warmup_steps: int = 4, seed: int = 0):
+  """(model, tx, schedule, initial state, un-jitted step fn) for `config`."""
+  from nas_jax import optim
+  from nas_jax.data.text import load_tokenizer
+  from nas_jax.models.nas import NASModel
+  from nas_jax.train_step import TokenIds, init_state, make_train_step
+
+  tok = load_tokenizer(config.data.vocab)
+  model = NASModel(config=config.model)
+  total = config.total_steps if config.total_steps > 0 else 100
+  tx, schedule = optim.make_optimizer(config.optim, total)
+  state = jax.jit(lambda r: init_state(config, model, tx, r))(jax.random.PRNGKey(seed))
+  step = make_train_step(config, model, tx, schedule,
+                         token_ids=TokenIds(pad=tok.pad_id, cls=tok.cls_id, mask=tok.mask_id),
+                         num_groups=num_groups, alpha_warmup_steps=alpha_warmup_steps)
+  return model, tx, schedule, state, step
