@@ -108,6 +108,7 @@ def test_pipeline_shortlist_rerank_multicaption(samples_dir, tmp_path):
   assert (h['TR@1'], h['TR@5'], h['TR@10']) == pytest.approx((500 / 6, 500 / 6, 500 / 6))
   assert (h['IR@1'], h['IR@5'], h['IR@10']) == pytest.approx((3000 / 31, 3000 / 31, 100.0))
   assert res.details['num_images'] == 6 and res.details['num_texts'] == 31
+  assert res.details['official_counts'] is False  # A sample, not the 5,000 / 25,010 split.
   # ITC-only ranking: image 0 ranks text 5 first, its captions second -> TR@1 misses it, TR@5 not.
   itc = res.details['recall_itc_only']
   assert itc['txt_r1'] == pytest.approx(500 / 6) and itc['txt_r5'] == 100.0

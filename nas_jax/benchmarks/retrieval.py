@@ -35,6 +35,8 @@ LAYOUT = {  # benchmark -> (sub-folder of data_dir, json candidates)
     'retrieval_flickr': ('flickr30k', ('flickr30k_test.json',)),
 }
 NO_CANDIDATE = -100.0
+# (images, captions) of the official test files; a copy of COCO's with 25,009 captions circulates.
+OFFICIAL_COUNTS = {'retrieval_coco': (5000, 25010), 'retrieval_flickr': (1000, 5000)}
 
 
 def find_json(name: str, data_dir: str) -> tuple[str, str]:
@@ -164,6 +166,11 @@ def evaluate(name: str, data_dir: str, scorer: common.Scorer, *, mode: str = 'it
     raise ValueError(f'unknown retrieval benchmark {name!r}: use {", ".join(LAYOUT)}')
   path, root = find_json(name, data_dir)
   image_paths, captions, img2txt, txt2img = read_split(path, name)
+  counts = (len(image_paths), len(captions))
+  if counts != OFFICIAL_COUNTS[name]:
+    print(f'[{name}] warning: {path} has {counts[0]} images / {counts[1]} captions, the official '
+          f'test split has {OFFICIAL_COUNTS[name][0]} / {OFFICIAL_COUNTS[name][1]}: numbers will not '
+          'be comparable with published ones')
   refs = [common.ImageRef(os.path.join(root, p)) for p in image_paths]
   texts = [common.albef_pre_caption(c, max_words) for c in captions]
   k = k or DEFAULT_K[name]
@@ -176,7 +183,8 @@ def evaluate(name: str, data_dir: str, scorer: common.Scorer, *, mode: str = 'it
   return common.BenchResult(
       name=name, headline=headline,
       details={'recall': m, 'recall_itc_only': itc_only, 'num_images': len(refs),
-               'num_texts': len(texts), 'json': path},
+               'num_texts': len(texts), 'json': path,
+               'official_counts': counts == OFFICIAL_COUNTS[name]},
       protocol={'score': mode, 'k_test': k, 'max_tokens': max_tokens, 'max_words': max_words,
                 'text': 'ALBEF pre_caption', 'non_candidates': NO_CANDIDATE,
                 'i2t rank': 'best rank among the image\'s captions'})
