@@ -74,6 +74,8 @@ def test_fixture_accuracies_columns_averages(samples_dir, tmp_path):
   assert h['Pooled'] == pytest.approx(100 * 55 / sum(SAMPLE_VALID.values()))
   assert h['Avg 7-col'] == pytest.approx(np.mean([h[p] for p in valse.PIECES]))
   assert list(h) == list(valse.PIECES) + ['Avg', 'Avg 7-col', 'Pooled']
+  assert res.details['official_counts'] is False  # Samples, not the 7,702 valid records.
+  assert sum(valse.OFFICIAL_VALID.values()) == 7702
   # Binary decisions: every caption has l1 - l0 = 1 > 0; foils <= 0 only for the first 5.
   assert res.details['binary']['existence']['p_c'] == 100.0
   assert res.details['binary']['existence']['p_f'] == pytest.approx(500 / 9)

@@ -42,6 +42,11 @@ FILES: tuple[tuple[str, str, str], ...] = (
 PIECES: tuple[str, ...] = ('Existence', 'Plurality', 'Counting', 'Sp.rel.', 'Action', 'Coreference',
                            'Foil-it!')
 STEMS = tuple(f[0] for f in FILES)
+# Valid records per file in the official release (FORMATS.md §1.1): 7,702 in all.
+OFFICIAL_VALID = {'existence': 505, 'plurals': 851, 'counting-hard': 868, 'counting-small-quant': 900,
+                  'counting-adversarial': 691, 'relations': 535, 'action-replacement': 648,
+                  'actant-swap': 949, 'coreference-standard': 708, 'coreference-hard': 104,
+                  'foil-it': 943}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +168,11 @@ def evaluate(root: str, scorer: common.Scorer, *, mode: str = 'itm', max_tokens:
       binary[stem] = {'p_c': p_c, 'p_f': p_f, 'acc': (p_c + p_f) / 2, 'min': min(p_c, p_f)}
   headline, details = summarize(counts)
   details['records'] = {s: n for s, (_, n) in data.items()}
+  off = {s: (n, OFFICIAL_VALID[s]) for s, (_, n) in counts.items() if n != OFFICIAL_VALID[s]}
+  details['official_counts'] = not off
+  if off:
+    print(f'[valse] warning: valid records differ from the official release (file: ours, official): '
+          f'{off}; numbers will not be comparable with published ones')
   if binary:
     details['binary'] = binary
   rows = [[s, piece, inst, counts[s][0], counts[s][1], details['acc_r'][s]]
