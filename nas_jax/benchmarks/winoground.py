@@ -103,6 +103,9 @@ def evaluate(root: str, scorer: common.Scorer, *, mode: str = 'itm', max_tokens:
   """Scores the 4 (caption, image) pairs of every example in one call."""
   common.check_mode(mode)
   examples = read_examples(find_examples(root))
+  if len(examples) != 400:
+    print(f'[winoground] warning: {len(examples)} examples, the official file has 400: numbers will '
+          'not be comparable with published ones')
   image_dir = image_dir or os.path.join(root, 'images')
   common.require(NAME, image_dir, SOURCE, what='folder')
   images, texts = [], []
