@@ -129,9 +129,9 @@ class ModelScorer(common.ScorerBase):
                 dynamic_ncols=True)
 
   # ------------------------------------------------------------------------------ device side
-  def _encode_chunk(self, pixels: np.ndarray) -> tuple[jax.Array, np.ndarray]:
-    """Fusion tokens [image_chunk, 1+N, D] (replicated, zero rows past len(pixels)) and ITC
-    features [len(pixels), E]. Only the batches holding images are run."""
+  def _encode_chunk(self, pixels: np.ndarray) -> tuple[jax.Array, list[jax.Array]]:
+    """Fusion tokens [image_chunk, 1+N, D] (replicated, zero rows past len(pixels)) and the ITC
+    features of each batch (device arrays, [batch_size, E]). Only batches holding images run."""
     b = self.batch_size
     toks, feats = [], []
     for s in range(0, len(pixels), b):
@@ -143,7 +143,6 @@ class ModelScorer(common.ScorerBase):
     if rows < self.image_chunk:  # Keep one static shape for the pair step.
       pad = np.zeros((self.image_chunk - rows,) + toks[0].shape[1:], toks[0].dtype)
       toks.append(jax.device_put(pad, self._rep))
-    feats = np.concatenate([np.asarray(f) for f in feats])[:len(pixels)]
     return jnp.concatenate(toks), feats
 
   def itm_logits(self, images, texts, *, max_tokens=None) -> np.ndarray:
@@ -162,8 +161,6 @@ class ModelScorer(common.ScorerBase):
     b = self.batch_size
     for c, pixels in enumerate(self._chunks(uimg)):
       tokens, feats = self._encode_chunk(pixels)
-      for k, f in enumerate(feats):
-        self._feat_cache.setdefault(uimg[c * self.image_chunk + k], f)
       sel = order[bounds[c]:bounds[c + 1]]
       pending = []
       for s in range(0, len(sel), b):
@@ -174,6 +171,10 @@ class ModelScorer(common.ScorerBase):
                            jax.device_put(self._pad(ids[t], b), self._data),
                            jax.device_put(self._pad(mask[t], b), self._data))
         pending.append((p, logits))
+      # Host reads only after the chunk's work is queued, so the device never waits on them.
+      feats = np.concatenate([np.asarray(f) for f in feats])[:len(pixels)]
+      for k, f in enumerate(feats):
+        self._feat_cache.setdefault(uimg[c * self.image_chunk + k], f)
       for p, logits in pending:  # Fetch after dispatching the chunk: the device stays busy.
         out[p] = np.asarray(logits, np.float32)[:len(p)]
         if bar is not None:
@@ -188,13 +189,11 @@ class ModelScorer(common.ScorerBase):
       todo = [r for r in dict.fromkeys(images) if r not in self._feat_cache]
       bar = self._bar(len(todo), 'images')
       for c, pixels in enumerate(self._chunks(todo)):
-        for s in range(0, len(pixels), self.batch_size):
-          part = pixels[s:s + self.batch_size]
-          _, f = self._enc_img(self.variables, jax.device_put(self._pad(part, self.batch_size), self._data))
-          for k, row in enumerate(np.asarray(f)[:len(part)]):
-            self._feat_cache[todo[c * self.image_chunk + s + k]] = row
-          if bar is not None:
-            bar.update(len(part))
+        _, feats = self._encode_chunk(pixels)
+        for k, row in enumerate(np.concatenate([np.asarray(f) for f in feats])[:len(pixels)]):
+          self._feat_cache[todo[c * self.image_chunk + k]] = row
+        if bar is not None:
+          bar.update(len(pixels))
       if bar is not None:
         bar.close()
       fi = np.stack([self._feat_cache[r] for r in images]) if len(images) else np.zeros((0, 0), np.float32)
