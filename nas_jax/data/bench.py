@@ -113,7 +113,9 @@ def cores_needed(per_core: float, gpus: int = 8, per_gpu: float = TARGET_PER_GPU
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(prog="python -m nas_jax.data.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--source", default="albef_json", choices=("albef_json", "negclip_tsv"))
+  p.add_argument("--source", default="albef_json",
+                 choices=("albef_json", "negclip_tsv", "prepared", "synthetic"),
+                 help="what --paths holds ('prepared': shard dirs; 'synthetic': no paths)")
   p.add_argument("--paths", nargs="*", default=())
   p.add_argument("--image_root", default="")
   p.add_argument("--prepared", default="", help="prepared shard directory (adds that path)")
@@ -150,17 +152,23 @@ def main(argv=None) -> list[dict]:
                               max_side=args.max_side, workers=args.prepare_workers,
                               progress=False)
       print(prepare_lib.format_summary(s, prepared), file=sys.stderr)
+  if args.source == "prepared" and paths:
+    paths, prepared = [], paths[0]
   runs = []
-  if paths:
+  if args.source == "synthetic":
+    cfg = _config("synthetic", (), "", args)
+    cfg.data.synthetic.num_train = max(args.samples, args.batch_size * (args.batches + 40))
+    runs.append(("synthetic", cfg))
+  elif paths:
     runs.append(("raw JPEG", _config(args.source, paths, image_root, args)))
   if prepared:
     runs.append(("prepared", _config("prepared", [prepared], "", args)))
   if not runs:
-    p.error("give --paths (raw path), --prepared, or --make_corpus N")
+    p.error("give --paths (raw path), --prepared, --source synthetic, or --make_corpus N")
   tokenizer = text.load_tokenizer(args.vocab)
 
   sizes = {}
-  if paths:
+  if paths and args.source != "synthetic":
     src = sources.make_source(runs[0][1])
     k = min(50, len(src))
     sizes["raw JPEG"] = np.mean([os.path.getsize(src[i]["image"]) for i in range(k)]) / 1024
