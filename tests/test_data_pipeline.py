@@ -259,3 +259,30 @@ def test_uint8_images_are_the_float_batch_before_normalisation(tok):
   np.testing.assert_allclose(np.asarray(transforms.normalize_jax(jnp.asarray(raw["image"]))),
                              floats["image"], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(raw["text_ids"], floats["text_ids"])
+
+
+def test_device_prefetch_runs_ahead_but_checkpoints_the_consumed_position(tok, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+  c = _config()
+  puts = []
+
+  def put(batch):
+    puts.append(int(batch["image_id"][0]))
+    return dict(batch)
+
+  it = pipeline.DevicePrefetch(pipeline.make_train_iterator(c, tok), put, size=2)
+  first = _take(it, 2)
+  assert len(puts) == 4                      # Two returned, two more already transferred.
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = _take(it, 2)
+  plain = _take(pipeline.make_train_iterator(c, tok), 4)
+  assert all(_equal(x, y) for x, y in zip(first + expected, plain))
+  fresh = pipeline.DevicePrefetch(pipeline.make_train_iterator(c, tok), dict, size=3)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  assert all(_equal(x, y) for x, y in zip(expected, _take(fresh, 2)))
+  finite = pipeline.DevicePrefetch(pipeline.make_train_iterator(c, tok, num_epochs=1), dict)
+  assert len(list(finite)) == 4              # 16 records / batch 4, then StopIteration.

@@ -299,6 +299,57 @@ def make_train_iterator(config, tokenizer, *, process_index: int = 0, process_co
   return iter(it.map(_StripCounters()))
 
 
+def _dataset_iterator_base():
+  import grain
+  return grain.DatasetIterator
+
+
+class DevicePrefetch(_dataset_iterator_base()):
+  """Keeps `size` batches already handed to `put` (e.g. host → global device arrays) ahead of the
+  training step, so the host→device copies overlap the step. A checkpoint stays exact:
+  `get_state()` is the wrapped iterator's state *before* the oldest batch not yet returned, so a
+  restore replays the buffered batches. Works with grain.checkpoint.CheckpointSave/Restore.
+
+    it = DevicePrefetch(make_train_iterator(c, tok), lambda b: sharding.host_to_global(b, mesh))
+  """
+
+  def __init__(self, iterator, put, size: int = 2):
+    super().__init__()
+    if size < 1:
+      raise ValueError(f"DevicePrefetch size must be >= 1, got {size}")
+    self._it, self._put, self._size = iterator, put, size
+    self._buffer: list[tuple[Any, Any]] = []   # (state before the batch, put(batch))
+
+  def _fill(self) -> None:
+    while len(self._buffer) < self._size:
+      state = self._it.get_state()
+      try:
+        batch = next(self._it)
+      except StopIteration:
+        return
+      self._buffer.append((state, self._put(batch)))
+
+  def __next__(self):
+    self._fill()
+    if not self._buffer:
+      raise StopIteration
+    _, batch = self._buffer.pop(0)
+    self._fill()
+    return batch
+
+  def get_state(self):
+    return self._buffer[0][0] if self._buffer else self._it.get_state()
+
+  def set_state(self, state) -> None:
+    self._buffer.clear()
+    self._it.set_state(state)
+
+  def close(self) -> None:
+    self._buffer.clear()
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
 def batch_spec(config) -> dict:
   """Shapes and dtypes of one GLOBAL batch: dict of jax.ShapeDtypeStruct."""
   import jax
