@@ -1,7 +1,5 @@
 """grain pipeline: batch contract, determinism, per-process shards, exact resume, bad records."""
 
-import json
-
 import numpy as np
 import pytest
 

@@ -123,11 +123,9 @@ def test_prepared_record_roundtrip():
 
 
 def test_tfds_without_tensorflow_datasets_says_what_to_install():
-  try:
-    import tensorflow_datasets  # noqa: F401
+  import importlib.util
+  if importlib.util.find_spec("tensorflow_datasets") is not None:
     pytest.skip("tensorflow-datasets is installed")
-  except ImportError:
-    pass
   c = config_lib.base_config()
   c.data.source = "tfds"
   c.data.tfds.name = "coco_captions"

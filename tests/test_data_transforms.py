@@ -65,7 +65,6 @@ def test_train_transform_output_shape_dtype_range(fmt):
 
 
 def test_jpeg_draft_decodes_smaller_but_crops_the_same_region():
-  rng = np.random.default_rng(2)
   y, x = np.mgrid[0:800, 0:1000]
   arr = np.stack([x * 255 // 1000, y * 255 // 800, np.full_like(x, 128)], -1).astype(np.uint8)
   buf = io.BytesIO()

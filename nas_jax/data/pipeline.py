@@ -31,8 +31,12 @@ from PIL import Image
 
 from nas_jax.data import sources as sources_lib
 from nas_jax.data import transforms as T
-from nas_jax.data.sources import make_source  # noqa: F401 — public API: make_source(config, split)
+from nas_jax.data.sources import make_source
 from nas_jax.data.text import pre_caption
+
+__all__ = ["make_source", "make_train_iterator", "batch_spec", "make_dataset", "make_transform",
+           "SampleMaker", "DevicePrefetch", "DataErrorRateExceeded", "data_stats",
+           "local_batch_size"]
 
 MAX_ATTEMPTS = 20          # Consecutive bad records before a sample gives up.
 _EXAMPLES = 10             # Example bad paths kept for the error message.
