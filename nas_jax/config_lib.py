@@ -31,6 +31,7 @@ def vit_b16(image_size: int = 256) -> ml_collections.ConfigDict:
       num_heads=12,
       mlp_dim=3072,
       layer_norm_eps=1e-6,
+      init_std=0.02,       # timm's trunc-normal std (pretrained weights usually replace it).
   ))
 
 
@@ -49,6 +50,7 @@ def bert_base() -> ml_collections.ConfigDict:
       hidden_dropout=0.1,
       attention_dropout=0.1,
       pad_token_id=0,
+      initializer_range=0.02,
   ))
 
 
@@ -96,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.itm = ml_collections.ConfigDict(dict(
       text_negatives=False,   # (I, T_fg) pairs from the batch's hard-negative captions (NTA).
+      hard_negative_groups=0,  # In-batch negatives drawn within this many batch slices; 0 = one
+                               # per device (ALBEF). Fix it to make runs device-count invariant.
   ))
   c.nva = ml_collections.ConfigDict(dict(
       enabled=False,

@@ -100,6 +100,18 @@ def _merge_converted(params: dict, tree: dict, what: str) -> dict:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def hard_negative_groups(config: ml_collections.ConfigDict, mesh) -> int:
+  """How many slices the batch is cut into for in-batch ITM negatives: one per device (ALBEF), or
+  `itm.hard_negative_groups` (fixed, so results do not depend on the device count)."""
+  shards = sharding.num_batch_shards(mesh)
+  groups = config.itm.hard_negative_groups or shards
+  if groups % shards or config.data.batch_size % groups:
+    raise ValueError(
+        f"config.itm.hard_negative_groups={groups} must be a multiple of the {shards} data-parallel "
+        f"devices and divide config.data.batch_size={config.data.batch_size} (0 = one per device)")
+  return groups
+
+
 def load_init(path: str, state: TrainState, abstract_state: TrainState,
               config: ml_collections.ConfigDict) -> TrainState:
   """`config.init_from`: parameters, momentum parameters, VD codebook and queues from another stage's
@@ -125,7 +137,13 @@ def load_init(path: str, state: TrainState, abstract_state: TrainState,
 
 
 # ============================================================================ one run
-def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> RunResult:
+def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+          interrupt_after: int | None = None) -> RunResult:
+  """One training run in `workdir` (resumed if it has a checkpoint).
+
+  devices: the devices of the mesh (default all). interrupt_after: behave as if SIGTERM arrived
+  after this many steps of this call (tests of exact resumption).
+  """
   c = config
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -147,11 +165,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> R
   if c.data.image_size != c.model.vit.image_size:
     raise ValueError(f"config.data.image_size={c.data.image_size} != "
                      f"config.model.vit.image_size={c.model.vit.image_size}")
-  num_train = c.data.num_train_samples if c.data.num_train_samples > 0 else len(
-      pipeline.make_source(c, "train"))
+  source = pipeline.make_source(c, "train")
+  num_train = c.data.num_train_samples if c.data.num_train_samples > 0 else len(source)
   total_steps, alpha_warmup = steps_plan(c, num_train)
   data_iter = pipeline.make_train_iterator(c, tokenizer, process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+                                           process_count=jax.process_count(), source=source)
 
   # ---------------------------------------------------------------- model and optimiser
   model = NASModel(config=c.model)
@@ -186,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> R
   # ---------------------------------------------------------------- the step
   token_ids = TokenIds(pad=tokenizer.pad_id, cls=tokenizer.cls_id, mask=tokenizer.mask_id)
   step_fn = make_train_step(c, model, tx, schedule, token_ids=token_ids,
-                            num_groups=sharding.num_batch_shards(mesh),
+                            num_groups=hard_negative_groups(c, mesh),
                             alpha_warmup_steps=alpha_warmup)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
@@ -237,6 +255,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> R
         checkpointer.save(step + 1, state, c, data_iter)
       if c.eval_every > 0 and (step + 1) % c.eval_every == 0 and step + 1 < total_steps:
         run_evals(c, model, state, mesh, tokenizer, writer, step + 1, workdir, final=False)
+      if interrupt_after is not None and step + 1 - start >= interrupt_after:
+        guard.requested = guard.requested or "interrupt_after"
       if guard.requested:
         log.warning("%s received: saving step %d and exiting", guard.requested, step + 1)
         interrupted = True
@@ -264,9 +284,8 @@ def run_evals(config, model, state, mesh, tokenizer, writer, step, workdir, *, f
   """Synthetic fine-grained suite + held-out retrieval + ITM accuracy (synthetic data only)."""
   if config.data.source != "synthetic" or not config.eval.enabled:
     return {}
-  from nas_jax import synthetic_eval
-  metrics, table = synthetic_eval.evaluate(config, model, state.params, state.batch_stats, mesh,
-                                           tokenizer)
+  from nas_jax.eval import evaluate_synthetic
+  metrics, table = evaluate_synthetic(config, model, state.params, state.batch_stats, mesh, tokenizer)
   writer.write(step, metrics, prefix="eval/")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -314,7 +333,51 @@ def main(argv):
     sys.exit(1)
 
 
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` → its `get_config(arg)`."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found (e.g. configs/demo.py)")
+  spec_ = importlib.util.spec_from_file_location("nas_jax_user_config", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def check_overrides(argv: list[str]) -> None:
+  """One-line errors for `--config.a.b=v` keys the config does not have (with a suggestion),
+  before absl turns them into a traceback."""
+  import difflib
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+    spec = argv[argv.index("--config") + 1]
+  if spec is None:
+    return
+  config = load_config_file(spec)
+  flat = set(ckpt_lib._flat(ckpt_lib.config_to_dict(config)))
+  prefixes = {k.rsplit(".", i)[0] for k in flat for i in range(k.count(".") + 1)}
+  for a in argv:
+    if not a.startswith("--config.") or a.startswith("--config=="):
+      continue
+    key = a[len("--config."):].split("=", 1)[0]
+    if key not in flat and key not in prefixes:
+      close = difflib.get_close_matches(key, sorted(flat), n=1, cutoff=0.5)
+      hint = f" (did you mean '{close[0]}'?)" if close else ""
+      parent = key.rsplit(".", 1)[0] if "." in key else ""
+      siblings = sorted(k[len(parent) + 1:].split(".")[0] for k in flat if k.startswith(parent + "."))
+      if parent and siblings:
+        hint += f"; '{parent}' has: {', '.join(dict.fromkeys(siblings))}"
+      raise ValueError(f"unknown config key '{key}' in {a!r}{hint}; the keys are defined in "
+                       "nas_jax/config_lib.py")
+
+
 def cli():
+  try:
+    check_overrides(sys.argv[1:])
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   from absl import app, flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py[:arg]",

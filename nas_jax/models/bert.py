@@ -24,7 +24,9 @@ import ml_collections
 
 from nas_jax.models.attention import MultiHeadAttention
 
-_normal = nn.initializers.normal(stddev=0.02)  # BERT's initializer_range.
+def _normal(config):
+  """BERT's normal(initializer_range) init (0.02; larger helps small from-scratch models)."""
+  return nn.initializers.normal(stddev=config.get("initializer_range", 0.02))
 
 
 def _layer_norm(config):
@@ -37,7 +39,7 @@ class DenseResidualNorm(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_normal)
+    self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_normal(self.config))
     self.LayerNorm = _layer_norm(self.config)
     self.dropout = nn.Dropout(self.config.hidden_dropout)
 
@@ -65,7 +67,7 @@ class Intermediate(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.dense = nn.Dense(self.config.intermediate_size, dtype=self.dtype, kernel_init=_normal)
+    self.dense = nn.Dense(self.config.intermediate_size, dtype=self.dtype, kernel_init=_normal(self.config))
 
   def __call__(self, x):
     return nn.gelu(self.dense(x), approximate=False)
@@ -83,7 +85,7 @@ class BertLayer(nn.Module):
     make = functools.partial(
         BertAttention, num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
         implementation=self.attention, dropout_rate=c.attention_dropout, fused_qkv=False,
-        out_proj=False, kernel_init=_normal, config=c)
+        out_proj=False, kernel_init=_normal(c), config=c)
     self.attention_block = make(name="attention")
     if self.cross_attention:
       self.crossattention = make()
@@ -106,7 +108,7 @@ class BertEmbeddings(nn.Module):
   def setup(self):
     c = self.config
     embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=jnp.float32,
-                              embedding_init=_normal)
+                              embedding_init=_normal(c))
     self.word_embeddings = embed(c.vocab_size)
     self.position_embeddings = embed(c.max_position_embeddings)
     self.token_type_embeddings = embed(c.type_vocab_size)
@@ -128,7 +130,7 @@ class PredictionTransform(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_normal)
+    self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_normal(self.config))
     self.LayerNorm = _layer_norm(self.config)
 
   def __call__(self, x):

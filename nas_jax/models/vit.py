@@ -23,7 +23,9 @@ import numpy as np
 
 from nas_jax.models.attention import MultiHeadAttention
 
-_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+def _trunc_normal(std: float = 0.02):
+  """timm's trunc_normal_(std=.02); `vit.init_std` changes it (small from-scratch models)."""
+  return nn.initializers.truncated_normal(stddev=std)
 
 
 class PatchEmbed(nn.Module):
@@ -31,11 +33,12 @@ class PatchEmbed(nn.Module):
   patch_size: int
   hidden_size: int
   dtype: Any = jnp.float32
+  init_std: float = 0.02
 
   def setup(self):
     p = self.patch_size
     self.proj = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                        dtype=self.dtype, kernel_init=_trunc_normal)
+                        dtype=self.dtype, kernel_init=_trunc_normal(self.init_std))
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] → [B, (H/P)·(W/P), D], patches in row-major order."""
@@ -47,10 +50,11 @@ class Mlp(nn.Module):
   hidden_size: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  init_std: float = 0.02
 
   def setup(self):
-    self.fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_trunc_normal)
-    self.fc2 = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_trunc_normal)
+    self.fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_trunc_normal(self.init_std))
+    self.fc2 = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_trunc_normal(self.init_std))
 
   def __call__(self, x):
     return self.fc2(nn.gelu(self.fc1(x), approximate=False))
@@ -71,9 +75,9 @@ class Block(nn.Module):
     self.norm1 = norm()
     self.attn = MultiHeadAttention(num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
                                    implementation=self.attention, fused_qkv=True, out_proj=True,
-                                   kernel_init=_trunc_normal)
+                                   kernel_init=_trunc_normal(c.get("init_std", 0.02)))
     self.norm2 = norm()
-    self.mlp = Mlp(c.hidden_size, c.mlp_dim, dtype=self.dtype)
+    self.mlp = Mlp(c.hidden_size, c.mlp_dim, dtype=self.dtype, init_std=c.get("init_std", 0.02))
 
   def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
     x = x + self.attn(self.norm1(x), key_lengths=key_lengths)
@@ -102,9 +106,10 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"vit.image_size={c.image_size} is not a multiple of "
                        f"vit.patch_size={c.patch_size}")
     self.num_patches = (c.image_size // c.patch_size) ** 2
-    self.patch_embed = PatchEmbed(c.patch_size, c.hidden_size, dtype=self.dtype)
-    self.cls_token = self.param("cls_token", _trunc_normal, (1, 1, c.hidden_size))
-    self.pos_embed = self.param("pos_embed", _trunc_normal, (1, 1 + self.num_patches, c.hidden_size))
+    std = c.get("init_std", 0.02)
+    self.patch_embed = PatchEmbed(c.patch_size, c.hidden_size, dtype=self.dtype, init_std=std)
+    self.cls_token = self.param("cls_token", _trunc_normal(std), (1, 1, c.hidden_size))
+    self.pos_embed = self.param("pos_embed", _trunc_normal(std), (1, 1 + self.num_patches, c.hidden_size))
     block = nn.remat(Block) if self.remat else Block
     self.blocks = [block(c, dtype=self.dtype, attention=self.attention)
                    for _ in range(c.num_layers)]

@@ -1,0 +1,149 @@
+"""`nas_jax.train`: exact resume, SIGTERM, sharded = single-device, and clear errors on bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from step_utils import ROOT, tiny_config
+
+
+def _cfg(**overrides):
+  base = {"eval.enabled": False, "stage2_steps": 0, "total_steps": 6, "log_every": 1,
+          "checkpoint.every": 0, "itm.hard_negative_groups": 8, "checkpoint.async_save": False}
+  base.update(overrides)
+  return tiny_config(**base)
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: (r["loss"], r["loss_itc"], r["loss_mlm"], r["loss_itm"]) for r in rows}
+
+
+def _params(workdir, config):
+  from nas_jax import checkpoint
+  _, params, batch_stats = checkpoint.load_params(str(workdir), config)
+  return jax.tree.leaves(params) + jax.tree.leaves(batch_stats)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  from nas_jax import train
+  c = _cfg()
+  wd = tmp_path_factory.mktemp("full")
+  result = train.train(c, str(wd), devices=jax.devices()[:1])
+  assert result.final_step == 6 and not result.interrupted
+  return c, wd
+
+
+def test_resume_is_exact(uninterrupted, tmp_path):
+  """3 steps, stop (as on SIGTERM), resume 3 steps = 6 uninterrupted steps: same batches (same
+  losses at every step) and the same parameters."""
+  from nas_jax import train
+  c, full = uninterrupted
+  r1 = train.train(c, str(tmp_path), devices=jax.devices()[:1], interrupt_after=3)
+  assert r1.interrupted and r1.final_step == 3
+  r2 = train.train(c, str(tmp_path), devices=jax.devices()[:1])
+  assert r2.final_step == 6 and not r2.interrupted
+  want, got = _losses(full), _losses(tmp_path)
+  assert sorted(got) == sorted(want) == list(range(1, 7))
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+  for a, b in zip(_params(full, c), _params(tmp_path, c)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_eight_devices_same_losses_as_one(uninterrupted, tmp_path):
+  from nas_jax import train
+  c, full = uninterrupted
+  train.train(c, str(tmp_path), devices=jax.devices()[:8])
+  want, got = _losses(full), _losses(tmp_path)
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=2e-4, atol=2e-5, err_msg=f"step {step}")
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  from nas_jax import train
+  c = _cfg(**{"data.batch_size": 36, "itc.queue_size": 36 * 4, "itm.hard_negative_groups": 0})
+  with pytest.raises(ValueError, match=r"data.batch_size=36 is not divisible by the 8"):
+    train.train(c, str(tmp_path), devices=jax.devices()[:8])
+
+
+def test_missing_init_from(tmp_path):
+  from nas_jax import train
+  c = _cfg(init_from=str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="init_from.*does not exist"):
+    train.train(c, str(tmp_path / "wd"), devices=jax.devices()[:1])
+
+
+def test_incompatible_checkpoint(uninterrupted):
+  from nas_jax import checkpoint, train
+  c, full = uninterrupted
+  c2 = _cfg(**{"model.embed_dim": 32})
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"model.embed_dim: checkpoint 64 vs config 32"):
+    train.train(c2, str(full), devices=jax.devices()[:1])
+
+
+def test_init_from_another_stage(uninterrupted, tmp_path):
+  """Stage 2 starts from stage 1's parameters, codebook and queues, with a fresh optimiser."""
+  from nas_jax import train
+  c, full = uninterrupted
+  c2 = train.stage2_config(c, str(full))
+  assert c2.nva.enabled and c2.init_from == str(full)
+  c2.unlock()
+  c2.total_steps = 1
+  c2.lock()
+  r = train.train(c2, str(tmp_path), devices=jax.devices()[:1])
+  assert r.final_step == 1
+  assert "nva_replaced_frac" in json.loads(open(tmp_path / "metrics.jsonl").readline())
+
+
+def _cli(args, **kw):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, "-m", "nas_jax.train", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, **kw)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  proc = _cli(["--config", "configs/demo.py:tiny", "--workdir", str(tmp_path),
+               "--config.optim.learning_rate=1e-3"], timeout=120)
+  assert proc.returncode != 0
+  assert "learning_rate" in proc.stderr and "lr" in proc.stderr  # Names the key, suggests 'lr'.
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resumes(tmp_path):
+  """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 0, and a new
+  run in the same workdir resumes from it and completes."""
+  args = ["--config", "configs/demo.py:tiny", "--workdir", str(tmp_path),
+          "--config.eval.enabled=False", "--config.stage2_steps=0", "--config.total_steps=400",
+          "--config.log_every=1", "--config.checkpoint.every=0"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen([sys.executable, "-m", "nas_jax.train", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = pathlib.Path(tmp_path) / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  assert "SIGTERM received: saving step" in out
+  steps = sorted(int(p.name) for p in (pathlib.Path(tmp_path) / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps and 3 <= steps[-1] < 400
+  done = steps[-1]
+  resumed = _cli(args[:-4] + ["--config.eval.enabled=False", "--config.stage2_steps=0",
+                              f"--config.total_steps={done + 2}", "--config.log_every=1"],
+                 timeout=300)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert f"resumed from" in resumed.stdout and f"at step {done}" in resumed.stdout
