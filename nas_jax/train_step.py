@@ -11,6 +11,26 @@ Departures from ALBEF's per-GPU PyTorch code, chosen so results do not depend on
 - In-batch ITM hard negatives are drawn within each of `num_groups` contiguous slices of the batch
   (one slice per device = ALBEF's local sampling), through a [G, b, ...] reshape whose gathers stay
   on-device.
+
+Gradient accumulation (`config.accum_steps = K > 1`; docs/SCALING.md). `data.batch_size` B stays the
+global (optimiser) batch; it is cut into K micro-batches of B/K, each device keeping its own rows:
+x.reshape(G, K, m, ...) with m = B/(G K), micro-batch k = x[:, k] → [G m, ...]. A `lax.scan` over
+k runs forward + backward per micro-batch and sums float32 gradients and metrics. What happens once
+per optimiser step, from the whole batch B (so K micro-batches = one batch K times larger):
+- the momentum EMA (before), the MLM masking, and the momentum ITC features of all B rows (a first,
+  gradient-free scan); micro-batch k's ITC uses its own momentum features as the in-batch part and
+  [the other micro-batches' momentum features ; queue] as the queue (and the ids likewise with
+  `itc.use_id_queue`). Softmax and targets are invariant to the column order, so every row sees the
+  same B + Q columns as the big-batch ITC: the loss is exactly the big-batch loss;
+- one AdamW update with the mean of the K gradients; one VD codebook update (eq. 2) from per-code
+  sums and counts accumulated over the micro-batches (`quantize(update=False)` inside, the codebook
+  does not move between micro-batches); `dictionary.init='data'` is refused with K > 1;
+- one enqueue of the whole batch's momentum features (ids).
+Per micro-batch: ITM hard negatives (within each device's m rows; the key of group g, micro k is
+split(k_neg, G K)[g K + k], so K micro-batches with G groups draw exactly what K=1 with G K groups
+draws), NVA negatives (key folded with k) and dropout (keys folded with k). The MLM loss of micro
+k is scaled by K · masked(k) / masked(B) so the mean over k is the big batch's mean over masked
+tokens. K = 1 is the plain step (no scan).
 """
 
 from __future__ import annotations
@@ -97,6 +117,30 @@ def _interleave(*xs: jax.Array) -> jax.Array:
   return _ungrouped(jnp.stack(xs, axis=1))
 
 
+def _code_stats(f: jax.Array, codes: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """Eq. 2 statistics of one micro-batch: per-code feature sums [m, C] and counts [m] (float32)."""
+  flat = jax.lax.stop_gradient(f).astype(jnp.float32).reshape(-1, f.shape[-1])
+  codes = codes.reshape(-1)
+  counts = jax.ops.segment_sum(jnp.ones(codes.shape, jnp.float32), codes, num_segments=size)
+  return jax.ops.segment_sum(flat, codes, num_segments=size), counts
+
+
+def _ema_from_stats(codebook: jax.Array, sums: jax.Array, counts: jax.Array,
+                    momentum: float) -> jax.Array:
+  """Eq. 2 from accumulated statistics: d_j ← γ d_j + (1−γ) sums_j / n_j where n_j > 0
+  (= `dictionary.ema_update` on the concatenated micro-batches)."""
+  mean = sums / jnp.maximum(counts, 1.0)[:, None]
+  updated = momentum * codebook + (1.0 - momentum) * mean
+  return jnp.where((counts > 0)[:, None], updated, codebook)
+
+
+def _usage_from_counts(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(perplexity, used codes) of the whole batch from its code counts (as `dictionary.code_usage`)."""
+  p = counts / jnp.maximum(counts.sum(), 1.0)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return jnp.exp(entropy), jnp.sum(counts > 0).astype(jnp.int32)
+
+
 # ---------------------------------------------------------------------------- the step
 def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -114,13 +158,26 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     raise ValueError("config.nva.enabled=True needs config.model.use_dictionary=True "
                      "(NVA replaces visual-dictionary codes)")
   vocab_size = c.model.bert.vocab_size
+  accum = int(c.accum_steps)
+  if accum < 1:
+    raise ValueError(f"config.accum_steps={c.accum_steps} must be >= 1 (1 = no accumulation)")
+  if accum > 1 and use_vd and c.model.dictionary.init == "data":
+    raise ValueError(
+        f"config.accum_steps={accum} with config.model.dictionary.init='data' is not supported (the "
+        "data initialisation would see one micro-batch only): use init='normal' or accum_steps=1")
 
   def online_forward(m: NASModel, batch, mlm_ids, mlm_labels, feats_m, logits_m, queues, keys,
-                     alpha, temp):
-    """Runs inside `model.apply` so every sub-call shares one Flax scope (and dropout stream)."""
+                     alpha, temp, vd_update=True):
+    """Runs inside `model.apply` so every sub-call shares one Flax scope (and dropout stream).
+
+    keys: {'neg': [G, 2] one key per hard-negative group, 'nva': key}. vd_update=False (micro-batches
+    of gradient accumulation): the codebook is not updated here; extras['vd_sums'] [m, C] and
+    extras['vd_counts'] [m] carry this batch's eq. 2 statistics instead.
+    Returns (loss, metrics, extras).
+    """
     images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
     image_id = batch["image_id"]
-    metrics = {}
+    metrics, extras = {}, {}
 
     # -- ITC (ALBEF eq. 1-3): global batch + queues, momentum distillation.
     img = m.encode_image(images, train=True)
@@ -134,9 +191,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     # -- Visual dictionary tokens for matching (NAS §3.1); the codebook is updated in place (eq. 2).
     if use_vd:
       codebook_old = m.codebook()
-      image_tokens, vd = m.dictionary_tokens(img["embeds"], update=True)
+      image_tokens, vd = m.dictionary_tokens(img["embeds"], update=vd_update)
       metrics.update(vd_perplexity=vd["perplexity"], vd_used_codes=vd["used_codes"],
                      vd_commit_dist=vd["commit_dist"])
+      if not vd_update:
+        extras["vd_sums"], extras["vd_counts"] = _code_stats(vd["f"], vd["codes"],
+                                                             codebook_old.shape[0])
     else:
       image_tokens = img["embeds"]
 
@@ -146,9 +206,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     tm_g, im_g = _grouped(feats_m["text"], g), _grouped(feats_m["image"], g)
     sim_i2t = jnp.einsum("gie,gje->gij", i_g, tm_g) / temp      # = sim_i2t[:, :bs] of ALBEF
     sim_t2i = jnp.einsum("gie,gje->gij", t_g, im_g) / temp
-    neg_keys = jax.random.split(keys["neg"], g)
     neg_img, neg_txt = jax.vmap(objectives.sample_hard_negatives)(
-        neg_keys, jax.lax.stop_gradient(sim_i2t), jax.lax.stop_gradient(sim_t2i),
+        keys["neg"], jax.lax.stop_gradient(sim_i2t), jax.lax.stop_gradient(sim_t2i),
         _grouped(image_id, g))
     neg_img, neg_txt = _ungrouped(neg_img), _ungrouped(neg_txt)
     # Indices are local to each slice.
@@ -198,7 +257,102 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     loss = w.itc * loss_itc + w.mlm * loss_mlm + w.itm * loss_itm
     metrics.update(loss=loss, loss_itc=loss_itc, loss_itm=loss_itm, loss_mlm=loss_mlm,
                    itm_acc=itm_acc)
-    return loss, metrics
+    return loss, metrics, extras
+
+  def micro_split(x: jax.Array) -> jax.Array:
+    """[B, ...] → [K, G*m, ...]: micro-batch k = rows k*m..(k+1)*m-1 of each of the G slices."""
+    g, b = num_groups, x.shape[0]
+    x = x.reshape((g, accum, b // (g * accum)) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((accum, b // accum) + x.shape[3:])
+
+  def micro_merge(x: jax.Array) -> jax.Array:
+    """Inverse of `micro_split`: [K, G*m, ...] → [B, ...] in the batch's row order."""
+    g, k, gm = num_groups, x.shape[0], x.shape[1]
+    x = x.reshape((k, g, gm // g) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((k * gm,) + x.shape[3:])
+
+  def accumulated(state, params, params_m, batch, mlm_ids, mlm_labels, alpha_f, keys):
+    """Steps 2-3 of the step over K micro-batches. Returns (loss, metrics, batch_stats, mean
+    float32 grads, the whole batch's momentum features {'image','text'} [B, E])."""
+    b, g = batch["image"].shape[0], num_groups
+    if b % (g * accum) or b // (g * accum) < 2:
+      raise ValueError(
+          f"config.accum_steps={accum}: the global batch {b} (config.data.batch_size) must split "
+          f"into {accum} micro-batches of at least 2 rows in each of the {g} device slices (hard-"
+          f"negative groups), i.e. be a multiple of {2 * g * accum}")
+    micro = jax.tree.map(micro_split, batch)
+    ids_k, labels_k = micro_split(mlm_ids), micro_split(mlm_labels)
+    steps = jnp.arange(accum)
+    neg_keys = jnp.swapaxes(jax.random.split(keys["neg"], g * accum).reshape(g, accum, -1), 0, 1)
+
+    # 2. Momentum features of the whole batch first (no gradient), one micro-batch at a time.
+    def momentum_feats(_, xs):
+      mb, k = xs
+
+      def fwd(m: NASModel):
+        img_m = m.encode_image(mb["image"], train=True)
+        txt_m = m.encode_text(mb["text_ids"], mb["text_mask"], train=True)
+        return img_m["feat"], txt_m["feat"], (img_m["embeds"] if c.mlm.enabled else None)
+
+      return None, jax.lax.stop_gradient(model.apply(
+          {"params": params_m}, method=fwd, rngs={"dropout": jax.random.fold_in(keys["drop_m"], k)}))
+
+    _, (img_fm, txt_fm, img_em) = jax.lax.scan(momentum_feats, None, (micro, steps))
+    ids_fm = micro_split(batch["image_id"].astype(jnp.int32))
+    masked_total = jnp.maximum(jnp.sum(mlm_labels != objectives.IGNORE), 1).astype(jnp.float32)
+
+    # 3. Forward + backward per micro-batch.
+    def micro_step(p, xs):
+      mb, ids_mlm, lab_mlm, neg_k, k = xs
+      others = (k + 1 + jnp.arange(accum - 1)) % accum
+      flat = lambda x: x.reshape((-1,) + x.shape[2:])
+      # In-batch columns: this micro-batch's momentum features; "queue": the other micro-batches'
+      # then the real queue — the same B + Q columns as the big batch, permuted.
+      queues = {"image": jnp.concatenate([flat(img_fm[others]), state.queues["image"]], 0),
+                "text": jnp.concatenate([flat(txt_fm[others]), state.queues["text"]], 0),
+                "idx": jnp.concatenate([flat(ids_fm[others]), state.queues["idx"]], 0)}
+      logits_m = None
+      if c.mlm.enabled:
+        logits_m = jax.lax.stop_gradient(model.apply(
+            {"params": params_m}, ids_mlm, mb["text_mask"], img_em[k], train=True,
+            method=NASModel.mlm, rngs={"dropout": jax.random.fold_in(keys["drop_m"], accum + k)}))
+      scale = jnp.sum(lab_mlm != objectives.IGNORE) / masked_total * accum
+
+      def loss_fn(p):
+        loss, metrics, extras = model.apply(
+            {"params": p, "batch_stats": state.batch_stats},
+            mb, ids_mlm, lab_mlm, {"image": img_fm[k], "text": txt_fm[k]}, logits_m, queues,
+            {"neg": neg_k, "nva": jax.random.fold_in(keys["nva"], k)}, alpha_f, p["temp"], False,
+            method=online_forward, rngs={"dropout": jax.random.fold_in(keys["drop"], k)})
+        loss = loss + c.loss_weights.mlm * (scale - 1.0) * metrics["loss_mlm"]
+        metrics = dict(metrics, loss=loss, loss_mlm=scale * metrics["loss_mlm"])
+        return loss, (metrics, extras)
+
+      (_, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+      f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+      return f32(grads), f32(metrics), extras
+
+    xs = (micro, ids_k, labels_k, neg_keys, steps)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(micro_step, params, jax.tree.map(lambda x: x[0], xs)))
+
+    def body(carry, xs):
+      return jax.tree.map(jnp.add, carry, micro_step(params, xs)), None
+
+    (grads, metrics, extras), _ = jax.lax.scan(body, zeros, xs)
+    grads = jax.tree.map(lambda x: x / accum, grads)
+    metrics = {k: v / accum for k, v in metrics.items()}
+    batch_stats = state.batch_stats
+    if use_vd:
+      # One eq. 2 update from the whole batch's statistics.
+      counts = extras["vd_counts"]
+      dic = dict(batch_stats["dictionary"])
+      dic["codebook"] = _ema_from_stats(dic["codebook"], extras["vd_sums"], counts,
+                                        c.model.dictionary.momentum)
+      batch_stats = dict(batch_stats, dictionary=dic)
+      metrics["vd_perplexity"], metrics["vd_used_codes"] = _usage_from_counts(counts)
+    feats_m = {"image": micro_merge(img_fm), "text": micro_merge(txt_fm)}
+    return metrics["loss"], metrics, batch_stats, grads, feats_m
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng, k_drop, k_drop_m, k_mask, k_neg, k_nva = jax.random.split(state.rng, 6)
@@ -221,27 +375,32 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     else:
       mlm_ids, mlm_labels = ids, jnp.full_like(ids, -100)
 
-    def momentum_forward(m: NASModel):
-      img_m = m.encode_image(images, train=True)
-      txt_m = m.encode_text(ids, mask, train=True)
-      logits_m = m.mlm(mlm_ids, mask, img_m["embeds"], train=True) if c.mlm.enabled else None
-      return {"image": img_m["feat"], "text": txt_m["feat"]}, logits_m
-
-    feats_m, logits_m = jax.lax.stop_gradient(model.apply(
-        {"params": params_m}, method=momentum_forward, rngs={"dropout": k_drop_m}))
-
-    # 3. Online forward + backward.
     alpha_f = jnp.asarray(alpha, jnp.float32)
+    if accum > 1:
+      # 2-3 over K micro-batches (module docstring); the rest of the step is shared.
+      loss, metrics, batch_stats, grads, feats_m = accumulated(
+          state, params, params_m, batch, mlm_ids, mlm_labels, alpha_f,
+          dict(drop=k_drop, drop_m=k_drop_m, neg=k_neg, nva=k_nva))
+    else:
+      def momentum_forward(m: NASModel):
+        img_m = m.encode_image(images, train=True)
+        txt_m = m.encode_text(ids, mask, train=True)
+        logits_m = m.mlm(mlm_ids, mask, img_m["embeds"], train=True) if c.mlm.enabled else None
+        return {"image": img_m["feat"], "text": txt_m["feat"]}, logits_m
 
-    def loss_fn(p):
-      (loss, metrics), mutated = model.apply(
-          {"params": p, "batch_stats": state.batch_stats},
-          batch, mlm_ids, mlm_labels, feats_m, logits_m, state.queues,
-          {"neg": k_neg, "nva": k_nva}, alpha_f, p["temp"],
-          method=online_forward, rngs={"dropout": k_drop}, mutable=["batch_stats"])
-      return loss, (metrics, mutated.get("batch_stats", state.batch_stats))
+      feats_m, logits_m = jax.lax.stop_gradient(model.apply(
+          {"params": params_m}, method=momentum_forward, rngs={"dropout": k_drop_m}))
 
-    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      # 3. Online forward + backward.
+      def loss_fn(p):
+        (loss, metrics, _), mutated = model.apply(
+            {"params": p, "batch_stats": state.batch_stats},
+            batch, mlm_ids, mlm_labels, feats_m, logits_m, state.queues,
+            {"neg": jax.random.split(k_neg, num_groups), "nva": k_nva}, alpha_f, p["temp"],
+            method=online_forward, rngs={"dropout": k_drop}, mutable=["batch_stats"])
+        return loss, (metrics, mutated.get("batch_stats", state.batch_stats))
+
+      (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     # 4. AdamW.
     updates, opt_state = tx.update(grads, state.opt_state, params)
