@@ -25,9 +25,14 @@ def get_config(arg: str | None = None):
   c.model.bert.update(vocab_size=synthetic.vocab_size(), hidden_size=width,
                       num_layers=2 if tiny else 4, fusion_layer=1 if tiny else 2, num_heads=4,
                       intermediate_size=4 * width, max_position_embeddings=64)
+  # From scratch, BERT's 0.02 init leaves every caption (and image) with nearly the same [CLS]
+  # feature and ITC stalls for hundreds of steps; a larger init breaks the symmetry at once.
+  c.model.vit.init_std = 0.1
+  c.model.bert.initializer_range = 0.1
   c.model.embed_dim = 64
   c.model.dictionary.size = 64 if tiny else 256
-  c.itc.queue_size = 512 if tiny else 2048
+  c.model.dictionary.init = "data"   # N(0, 1) codes sit far from ReLU features: most never win.
+  c.itc.queue_size = 512 if tiny else 1024
   c.data.source = "synthetic"
   c.data.vocab = "synthetic"
   c.data.image_size = res
@@ -35,10 +40,10 @@ def get_config(arg: str | None = None):
   c.data.max_text_len = 24
   c.data.randaugment = False
   c.num_epochs = 1
-  c.total_steps = 12 if tiny else 1200
-  c.stage2_steps = 4 if tiny else 300
-  c.itc.alpha_warmup_steps = 4 if tiny else 300
-  c.optim.update(lr=3e-4, min_lr=1e-5, warmup_steps=2 if tiny else 100)
+  c.total_steps = 12 if tiny else 600
+  c.stage2_steps = 4 if tiny else 150
+  c.itc.alpha_warmup_steps = 4 if tiny else 200
+  c.optim.update(lr=5e-4, min_lr=1e-5, warmup_steps=2 if tiny else 50)
   c.log_every = 5 if tiny else 50
   c.checkpoint.every = 0
   c.eval.batch_size = 64

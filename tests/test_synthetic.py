@@ -379,3 +379,18 @@ def test_aro_like_subsets_are_macro_averaged_over_groups():
   assert m['relation/left'] == pytest.approx(100 / 3) and m['relation/above'] == 0.0
   assert m['relation'] == pytest.approx(100 / 6)   # Macro: (33.3 + 0) / 2, not 25.
   assert m['counting'] == 25.0                     # Micro, as VALSE.
+
+
+def test_heldout_itm_accuracy_metric():
+  """Held-out matching: own caption vs the next scene's caption, decided at the threshold."""
+  from nas_jax.benchmarks import synthetic as metrics
+  bench = S.build_benchmark(seed=3, image_size=32, n_per_subset=12, subsets=("retrieval",))
+  truth = {c['image'].tobytes(): c['caption'] for c in bench['retrieval']}
+  oracle = lambda imgs, caps: np.array([1.0 if truth[i.tobytes()] == c else -1.0
+                                        for i, c in zip(imgs, caps)])
+  out = metrics.evaluate(bench, oracle, threshold=0.0)
+  assert out['heldout_itm_acc'] == 100.0
+  says_yes = lambda imgs, caps: np.ones(len(caps))
+  out = metrics.evaluate(bench, says_yes, threshold=0.0)
+  assert (out['heldout_itm_p_match'], out['heldout_itm_p_nonmatch'], out['heldout_itm_acc']) == (100.0, 0.0, 50.0)
+  assert 'ITM on held-out scenes' in metrics.to_markdown(out, bench)

@@ -221,6 +221,14 @@ def evaluate(bench: Mapping[str, list], score_pairs: ScorePairs | None = None,
     else:
       raise ValueError('evaluate: retrieval needs embed (ITC) or score_pairs')
     out.update(retrieval_recalls(i2t, t2i, np.arange(n)))
+    if score_pairs is not None and threshold is not None and n > 1:
+      # Held-out matching: each scene with its caption vs with the next scene's caption.
+      other = [captions[(i + 1) % n] for i in range(n)]
+      s = _score(score_pairs, np.concatenate([images, images]), captions + other, batch_size)
+      pos, neg = s[:n], s[n:]
+      out['heldout_itm_p_match'] = float(100 * np.mean(pos > threshold))
+      out['heldout_itm_p_nonmatch'] = float(100 * np.mean(neg <= threshold))
+      out['heldout_itm_acc'] = (out['heldout_itm_p_match'] + out['heldout_itm_p_nonmatch']) / 2
   return out
 
 
@@ -245,6 +253,11 @@ def to_markdown(metrics: Mapping[str, float], bench: Mapping[str, list] | None =
     rows.append(('ITM decision acc (captions / foils)',
                  f'{metrics["itm_acc"]:.1f} ({_fmt(metrics, ("itm_p_caption", "itm_p_foil"))})',
                  '50.0', ''))
+  if 'heldout_itm_acc' in metrics:
+    rows.append(('ITM on held-out scenes: decision acc (match / other scene\'s caption)',
+                 f'{metrics["heldout_itm_acc"]:.1f} '
+                 f'({_fmt(metrics, ("heldout_itm_p_match", "heldout_itm_p_nonmatch"))})',
+                 '50.0', count('retrieval')))
   if 'winoground_text' in metrics:
     rows.append(('Winoground-style: text / image / group',
                  _fmt(metrics, ('winoground_text', 'winoground_image', 'winoground_group')),
