@@ -112,6 +112,15 @@ def hard_negative_groups(config: ml_collections.ConfigDict, mesh) -> int:
   return groups
 
 
+def agree_on_stop(requested: str | None) -> str | None:
+  """Multi-process: stop when any process was asked to. A signal can reach the hosts during
+  different steps; all must leave the loop after the same one (and save together), or the others
+  would wait forever in the next step's collectives."""
+  from jax.experimental import multihost_utils
+  votes = multihost_utils.process_allgather(np.int32(requested is not None))
+  return requested or ("a stop request on another process" if np.any(votes) else None)
+
+
 def load_init(path: str, state: TrainState, abstract_state: TrainState,
               config: ml_collections.ConfigDict) -> TrainState:
   """`config.init_from`: parameters, momentum parameters, VD codebook and queues from another stage's
@@ -216,17 +225,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   pending = None  # (step, metrics on device) of the previous step, fetched one step late.
   t_last, n_last = time.time(), start
 
-  def drain(pending):
-    step, m = pending
+  def drain(pending, last: bool = False):
+    """Fetches the metrics of a finished step (one step late, so the host never waits on the
+    step in flight), stops on a non-finite loss, logs every `log_every` steps."""
+    nonlocal t_last, n_last
+    done, m = pending
     m = jax.device_get(m)
     if not bool(m["finite"]):
-      msg = (f"loss is not finite at step {step} (loss={float(m['loss'])}, itc={float(m['loss_itc'])}, "
-             f"itm={float(m['loss_itm'])}, mlm={float(m['loss_mlm'])})")
+      msg = (f"loss is not finite at step {done + 1} (loss={float(m['loss'])}, "
+             f"itc={float(m['loss_itc'])}, itm={float(m['loss_itm'])}, mlm={float(m['loss_mlm'])})")
       if c.nonfinite == "stop":
         raise FloatingPointError(msg + f"; the last checkpoint is step {checkpointer.latest_step()}."
                                  " Lower the learning rate or set --config.nonfinite=skip")
       log.warning("%s: update skipped", msg)
-    return step, m
+    if bar is not None:
+      bar.update(1)
+    if (done + 1) % c.log_every == 0 or done == start or last:
+      now = time.time()
+      rate = (done + 1 - n_last) * c.data.batch_size / max(now - t_last, 1e-9)
+      t_last, n_last = now, done + 1
+      m = {k: v for k, v in m.items() if k != "finite"}
+      writer.write(done + 1, {**m, "samples_per_s": rate})
+      if bar is not None:
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}", itm_acc=f"{float(m['itm_acc']):.2f}",
+                        samples_s=f"{rate:.0f}")
 
   bar = None
   if is_main:
@@ -238,18 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
       batch = sharding.host_to_global(next(data_iter), mesh)
       state, metrics = train_step(state, batch)
       if pending is not None:
-        done, m = drain(pending)
-        if bar is not None:
-          bar.update(1)
-        if (done + 1) % c.log_every == 0 or done == start:
-          now = time.time()
-          rate = (done + 1 - n_last) * c.data.batch_size / max(now - t_last, 1e-9)
-          t_last, n_last = now, done + 1
-          m = {k: v for k, v in m.items() if k != "finite"}
-          writer.write(done + 1, {**m, "samples_per_s": rate})
-          if bar is not None:
-            bar.set_postfix(loss=f"{float(m['loss']):.3f}", itm_acc=f"{float(m['itm_acc']):.2f}",
-                            samples_s=f"{rate:.0f}")
+        drain(pending)
       pending = (step, metrics)
       if c.checkpoint.every > 0 and (step + 1) % c.checkpoint.every == 0 and step + 1 < total_steps:
         checkpointer.save(step + 1, state, c, data_iter)
@@ -257,14 +268,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
         run_evals(c, model, state, mesh, tokenizer, writer, step + 1, workdir, final=False)
       if interrupt_after is not None and step + 1 - start >= interrupt_after:
         guard.requested = guard.requested or "interrupt_after"
+      if jax.process_count() > 1:
+        guard.requested = agree_on_stop(guard.requested)
       if guard.requested:
         log.warning("%s received: saving step %d and exiting", guard.requested, step + 1)
         interrupted = True
         break
     if pending is not None:
-      drain(pending)
-      if bar is not None:
-        bar.update(1)
+      drain(pending, last=True)
     if bar is not None:
       bar.close()
     final_step = int(jax.device_get(state.step))
