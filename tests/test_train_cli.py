@@ -147,3 +147,21 @@ def test_sigterm_saves_and_resumes(tmp_path):
                  timeout=300)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert f"resumed from" in resumed.stdout and f"at step {done}" in resumed.stdout
+
+
+def test_init_from_converted_pytorch_weights(uninterrupted, tmp_path):
+  """`init_from` a `nas_jax.convert` folder: its tensors replace the initial ones, the momentum
+  encoders start as copies, and parts it lacks keep their initialisation."""
+  from nas_jax import checkpoint, convert, train
+  c, full = uninterrupted
+  _, params, _ = checkpoint.load_params(str(full), c)
+  bert = jax.tree.map(lambda x: np.asarray(x) + 0.5, params["bert"])
+  convert.save_converted(tmp_path / "conv", {"params": {"bert": bert}}, {"source": "test"})
+  c2 = _cfg(init_from=str(tmp_path / "conv"), **{"optim.lr": 1e-12, "optim.min_lr": 1e-12})
+  train.train(c2, str(tmp_path / "wd"), devices=jax.devices()[:1], interrupt_after=1)
+  _, got, _ = checkpoint.load_params(str(tmp_path / "wd"), c2)
+  for a, b in zip(jax.tree.leaves(bert), jax.tree.leaves(got["bert"])):
+    np.testing.assert_allclose(np.asarray(b), a, atol=1e-5)
+  # The ViT was not in the folder: it is the fresh initialisation, not stage 1's weights.
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+             for a, b in zip(jax.tree.leaves(params["vit"]), jax.tree.leaves(got["vit"])))
