@@ -149,7 +149,7 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None):
   """Parameters (and VD codebook) of a checkpoint, for evaluation.
 
   Returns (config, params, batch_stats). `config` defaults to the one saved with the checkpoint.
-  Restores on the default device, replicated.
+  Restores on this process's first device, whatever mesh or number of processes wrote it.
   """
   from nas_jax import config_lib  # noqa: F401  (keeps the import graph simple for callers)
   from nas_jax.train_step import TrainState
@@ -167,7 +167,12 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None):
     config = ml_collections.ConfigDict(saved)
   else:
     check_compatible(saved, config, f"{root}/{step}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+  # Restore onto this process's first device whatever mesh / process count wrote it (a bare
+  # PyTreeRestore fails on a multi-host checkpoint: its saved shardings name other devices).
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(root, str(step), "state")).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   manager.close()
   state = restored["state"]
   if isinstance(state, TrainState):
