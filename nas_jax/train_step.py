@@ -24,7 +24,8 @@ per optimiser step, from the whole batch B (so K micro-batches = one batch K tim
   same B + Q columns as the big-batch ITC: the loss is exactly the big-batch loss;
 - one AdamW update with the mean of the K gradients; one VD codebook update (eq. 2) from per-code
   sums and counts accumulated over the micro-batches (`quantize(update=False)` inside, the codebook
-  does not move between micro-batches); `dictionary.init='data'` is refused with K > 1;
+  does not move between micro-batches); with `dictionary.init='data'` the first step builds the
+  codebook from micro-batch 0's features (B/K rows, where K = 1 uses all B);
 - one enqueue of the whole batch's momentum features (ids).
 Per micro-batch: ITM hard negatives (within each device's m rows; the key of group g, micro k is
 split(k_neg, G K)[g K + k], so K micro-batches with G groups draw exactly what K=1 with G K groups
@@ -45,6 +46,7 @@ import ml_collections
 import optax
 
 from nas_jax import nva, objectives
+from nas_jax.models import dictionary
 from nas_jax.models.nas import MOMENTUM_KEYS, NASModel, l2_normalize
 
 
@@ -161,10 +163,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
   accum = int(c.accum_steps)
   if accum < 1:
     raise ValueError(f"config.accum_steps={c.accum_steps} must be >= 1 (1 = no accumulation)")
-  if accum > 1 and use_vd and c.model.dictionary.init == "data":
-    raise ValueError(
-        f"config.accum_steps={accum} with config.model.dictionary.init='data' is not supported (the "
-        "data initialisation would see one micro-batch only): use init='normal' or accum_steps=1")
 
   def online_forward(m: NASModel, batch, mlm_ids, mlm_labels, feats_m, logits_m, queues, keys,
                      alpha, temp, vd_update=True):
@@ -240,8 +238,22 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
       pair_mask.append(batch["neg_text_mask"])
 
     k = len(pair_img)
-    fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*pair_img),
-                   train=True)
+    if c.model.fusion_kv_sharing:
+      # The k pair groups use only 1 or 2 distinct image-token sets (I, and I_fg with NVA; I_neg
+      # is a permutation of I): each fusion layer projects keys/values once per distinct set and
+      # gathers them per pair (docs/PERF.md). Same math; the gradient sums in another order.
+      sources = [image_tokens] + ([fg_tokens] if use_nva else [])
+      s, b = len(sources), image_id.shape[0]
+      ar = jnp.arange(b, dtype=jnp.int32)
+      rows = [ar * s, _take_grouped(ar, neg_img, g) * s, ar * s]
+      rows += [ar * s + 1] if use_nva else []
+      rows += [ar * s] if c.itm.text_negatives else []
+      local = _interleave(*rows) % ((b // g) * s)        # index within the device's slice
+      fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*sources),
+                     train=True, image_index=local, image_groups=g)
+    else:
+      fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*pair_img),
+                     train=True)
     itm_logits = m.itm_logits(fused)                                       # [B*k, 2]
     itm_labels = _interleave(*([jnp.ones_like(image_id)] + [jnp.zeros_like(image_id)] * (k - 1)))
     loss_itm, itm_acc = objectives.itm_loss(itm_logits, itm_labels)
@@ -270,6 +282,25 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     g, k, gm = num_groups, x.shape[0], x.shape[1]
     x = x.reshape((k, g, gm // g) + x.shape[2:])
     return jnp.swapaxes(x, 0, 1).reshape((k * gm,) + x.shape[3:])
+
+  def data_init_codebook(params, batch_stats, images, key):
+    """`dictionary.init='data'` under accumulation: while the codebook is not initialised (the first
+    step), it is made from micro-batch 0's features (images [G*m, H, W, 3]; K=1 uses all B rows).
+    `lax.cond`: later steps skip the extra forward."""
+    d = c.model.dictionary
+    dic = dict(batch_stats["dictionary"])
+
+    def fresh():
+      def feats(m: NASModel):
+        return m.dictionary.project(m.encode_image(images, train=True)["embeds"][:, 1:])
+
+      f = jax.lax.stop_gradient(model.apply({"params": params, "batch_stats": batch_stats},
+                                            method=feats, rngs={"dropout": key}))
+      return dictionary._data_init(f.reshape(-1, f.shape[-1]), d.size, d.init_std)
+
+    dic["codebook"] = jax.lax.cond(dic["initialized"], lambda: dic["codebook"], fresh)
+    dic["initialized"] = jnp.ones((), jnp.bool_)
+    return dict(batch_stats, dictionary=dic)
 
   def accumulated(state, params, params_m, batch, mlm_ids, mlm_labels, alpha_f, keys):
     """Steps 2-3 of the step over K micro-batches. Returns (loss, metrics, batch_stats, mean
@@ -300,6 +331,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     _, (img_fm, txt_fm, img_em) = jax.lax.scan(momentum_feats, None, (micro, steps))
     ids_fm = micro_split(batch["image_id"].astype(jnp.int32))
     masked_total = jnp.maximum(jnp.sum(mlm_labels != objectives.IGNORE), 1).astype(jnp.float32)
+    batch_stats = state.batch_stats
+    if use_vd and c.model.dictionary.init == "data":
+      batch_stats = data_init_codebook(params, batch_stats, micro["image"][0],
+                                       jax.random.fold_in(keys["drop"], 0))
 
     # 3. Forward + backward per micro-batch.
     def micro_step(p, xs):
@@ -320,7 +355,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
 
       def loss_fn(p):
         loss, metrics, extras = model.apply(
-            {"params": p, "batch_stats": state.batch_stats},
+            {"params": p, "batch_stats": batch_stats},
             mb, ids_mlm, lab_mlm, {"image": img_fm[k], "text": txt_fm[k]}, logits_m, queues,
             {"neg": neg_k, "nva": jax.random.fold_in(keys["nva"], k)}, alpha_f, p["temp"], False,
             method=online_forward, rngs={"dropout": jax.random.fold_in(keys["drop"], k)})
@@ -342,7 +377,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     (grads, metrics, extras), _ = jax.lax.scan(body, zeros, xs)
     grads = jax.tree.map(lambda x: x / accum, grads)
     metrics = {k: v / accum for k, v in metrics.items()}
-    batch_stats = state.batch_stats
     if use_vd:
       # One eq. 2 update from the whole batch's statistics.
       counts = extras["vd_counts"]

@@ -14,10 +14,27 @@ from step_utils import build, fixed_batch, tiny_config
 K, G = 4, 2
 
 
+def assert_params_close(got, want, atol: float) -> None:
+  """Leaf-by-leaf allclose of two parameter trees, except the attention *key* biases: softmax is
+  invariant to them, so their gradient is pure rounding noise, which AdamW (a ~lr-sized step
+  whatever the gradient's scale) turns into values that differ between reduction orders."""
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+    name = jax.tree_util.keystr(path)
+    a, b = np.asarray(a), np.asarray(b)
+    if name.endswith("['key']['bias']"):
+      continue
+    if name.endswith("['qkv']['bias']"):   # [q | k | v]
+      d = a.shape[-1] // 3
+      keep = np.r_[0:d, 2 * d:3 * d]
+      a, b = a[..., keep], b[..., keep]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=name)
+
+
 @pytest.fixture(scope="module")
 def runs():
   base = {"model.bert.hidden_dropout": 0.0, "model.bert.attention_dropout": 0.0,
           "nva.enabled": False, "model.use_dictionary": True, "itm.text_negatives": True,
+          "model.dictionary.init": "normal",
           "itc.use_id_queue": True, "optim.lr": 1e-3, "optim.warmup_steps": 1,
           "total_steps": 10, "itc.alpha_warmup_steps": 0}
   c1 = tiny_config(**base)
@@ -49,13 +66,8 @@ def test_losses_match(runs):
 
 def test_updated_state_matches(runs):
   (s1, _), (sk, _) = runs["big"], runs["accum"]
-  # AdamW's first steps are ~lr * sign(grad): gradients that are zero up to rounding (e.g. the
-  # attention key bias, to which softmax is invariant) become updates of up to ~1% of lr that
-  # differ between summation orders. Everything else must agree far more tightly than one step.
   lr = 1e-3
-  flat1 = jax.tree_util.tree_flatten_with_path(s1.params)[0]
-  for (path, a), b, a0 in zip(flat1, jax.tree.leaves(sk.params), jax.tree.leaves(runs["init"].params)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=0.02 * lr, err_msg=jax.tree_util.keystr(path))
+  assert_params_close(sk.params, s1.params, atol=1e-6)
   # The tolerance is far below the update itself: the runs moved.
   moved = [np.abs(np.asarray(a) - np.asarray(a0)).max()
            for a, a0 in zip(jax.tree.leaves(s1.params), jax.tree.leaves(runs["init"].params))]
@@ -70,13 +82,9 @@ def test_updated_state_matches(runs):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_refuses_data_init_and_bad_split():
+def test_refuses_bad_accum_steps_and_split():
   from nas_jax.train_step import make_train_step
   import optax
-  c = tiny_config(accum_steps=2, **{"model.dictionary.init": "data"})
-  with pytest.raises(ValueError, match="accum_steps=2 with config.model.dictionary.init='data'"):
-    make_train_step(c, None, optax.sgd(1.0), lambda s: 1.0, token_ids=None, num_groups=1,
-                    alpha_warmup_steps=1)
   c = tiny_config(accum_steps=0)
   with pytest.raises(ValueError, match="accum_steps=0 must be >= 1"):
     make_train_step(c, None, optax.sgd(1.0), lambda s: 1.0, token_ids=None, num_groups=1,
@@ -85,3 +93,32 @@ def test_refuses_data_init_and_bad_split():
   _, _, _, state, step = build(c, num_groups=8)   # 32 rows / (8 slices * 4) = 1 row: too few.
   with pytest.raises(ValueError, match="multiple of 64"):
     jax.eval_shape(step, state, fixed_batch(c))
+
+
+@pytest.mark.slow
+def test_data_initialised_codebook_from_first_micro_batch():
+  """dictionary.init='data' with K=2: the first step builds the codebook from micro-batch 0's
+  features, then assigns the whole batch to it and applies eq. 2 once."""
+  import jax.numpy as jnp
+  from nas_jax.models.dictionary import _data_init, ema_update, pairwise_sq_dist
+  from nas_jax.models.nas import NASModel
+  c = tiny_config(accum_steps=2, **{"model.dictionary.init": "data"})
+  model, _, _, state, step = build(c, num_groups=1)
+  batch = fixed_batch(c)
+  new, m = jax.jit(step)(state, batch)
+  assert not bool(state.batch_stats["dictionary"]["initialized"])
+  assert bool(new.batch_stats["dictionary"]["initialized"])
+
+  def feats(mod, x):
+    return mod.dictionary.project(mod.encode_image(x, train=True)["embeds"][:, 1:])
+
+  f = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+                  method=feats)
+  f = f.reshape(-1, f.shape[-1])
+  d = c.model.dictionary
+  half = f.shape[0] // 2                            # micro-batch 0 = rows 0..15 with one slice
+  fresh = _data_init(f[:half], d.size, d.init_std)
+  codes = jnp.argmin(pairwise_sq_dist(f, fresh), axis=-1)
+  want = ema_update(fresh, f, codes, d.momentum)
+  np.testing.assert_allclose(new.batch_stats["dictionary"]["codebook"], want, rtol=1e-4, atol=1e-5)
+  assert int(m["vd_used_codes"]) == len(np.unique(np.asarray(codes)))
