@@ -1,0 +1,142 @@
+"""The speed benchmark CLI on the tiny config, and the analytic FLOP count against a hand count."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from step_utils import ROOT, tiny_config
+
+from nas_jax import bench, flops
+
+
+def test_flops_match_hand_count_for_tiny_stage2():
+  """demo.py:tiny: ViT 32 px / patch 8 (N = 16, T = 17), width 64, 2 layers, MLP 256; BERT width
+  64, 2 layers (1 text + 1 fusion), FFN 256, L = 24, V = synthetic; E = 64, Q = 512, m = 64."""
+  c = tiny_config(**{"nva.enabled": True})
+  v = c.model.bert.vocab_size
+  b, q = 16, 512
+  # ViT: patch conv 2·16·192·64; per layer 2·17·(4·64² + 2·64·256) + 4·17²·64.
+  vit = 2 * 16 * 192 * 64 + 2 * (2 * 17 * (4 * 4096 + 2 * 64 * 256) + 4 * 289 * 64)
+  text_layer = 2 * 24 * (4 * 4096 + 2 * 64 * 256) + 4 * 576 * 64
+  text = 1 * text_layer
+  fusion = text_layer + 2 * 24 * 4096 * 2 + 4 * 17 * 64 * 64 + 4 * 24 * 17 * 64
+  mlm = text + fusion + 2 * 24 * 4096 + 2 * 24 * 64 * v
+  proj = 2 * 64 * 64 * 2
+  sims = 2 * 2 * 64 * (b + q)
+  vd = 2 * 16 * 64 * 64 + 2 * 16 * 64 * 64 + 2 * 16 * 128 * 2
+  dist = 2 * 16 * 64 * 64
+  nva_tokens = 2 * (2 * 16 * 64 * 64) + 2 * 16 * 128 * 2
+  nva_select = 2 * 2 * 16 * 64 + 2 * 64 * 64 * 64 / b
+  hard_neg = 2 * 2 * 64 * b
+  groups = 4
+  itm = groups * fusion + groups * 2 * 64 * 2
+  momentum = vit + text + proj + mlm
+  online = vit + text + proj + vd + nva_tokens + itm + mlm + sims
+  want = momentum + 3 * online + sims + hard_neg + dist + nva_select
+  got = flops.step_flops(c, b)
+  assert got.per_sample == pytest.approx(want, rel=1e-12)
+  # Stage 1 drops the NVA parts and one ITM pair group exactly.
+  s1 = flops.step_flops(tiny_config(), b)
+  assert got.per_sample - s1.per_sample == pytest.approx(
+      3 * (nva_tokens + fusion + 2 * 64 * 2) + nva_select, rel=1e-12)
+  assert "| **step** |" in got.table()
+
+
+def test_flops_of_paper_configs_are_near_the_reference():
+  """Our count of the paper's stage-2 step lands within 1% of the PyTorch reference's 311.8."""
+  from step_utils import load_config
+  c2 = load_config("stage2.py", None)
+  got = flops.step_flops(c2, 64).gflop_per_sample()
+  assert got == pytest.approx(flops.REFERENCE_GFLOP_PER_SAMPLE, rel=0.01)
+  albef = flops.step_flops(load_config("stage1.py", "albef"), 64).gflop_per_sample()
+  assert albef == pytest.approx(288.5, rel=0.01)       # issue 9's ALBEF row
+  assert flops.mfu(311.8e9, 1110.0) == pytest.approx(0.35, abs=0.001)
+  with pytest.raises(ValueError, match="num_groups"):
+    flops.step_flops(c2, 64, num_groups=3)
+
+
+def test_bench_cli_on_tiny_config(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  prof = tmp_path / "prof"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  cmd = [sys.executable, "-m", "nas_jax.bench", "--config", str(ROOT / "configs/demo.py") + ":tiny",
+         "--batch", "16", "--steps", "3", "--warmup", "1", "--stage", "2",
+         "--config.model.vit_attention=xla", "--json_out", str(out), "--profile_dir", str(prof),
+         "--profile_steps", "1"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  header = next(i for i, l in enumerate(lines) if l.startswith("| config |"))
+  cols = [x.strip() for x in lines[header].strip("|").split("|")]
+  assert tuple(cols) == bench.COLUMNS
+  cells = [x.strip() for x in lines[header + 2].strip("|").split("|")]
+  row = dict(zip(cols, cells))
+  assert row["config"] == "demo.py:tiny model.vit_attention=xla"
+  assert (row["stage"], row["batch"], row["dtype"], row["attention"], row["remat"]) == (
+      "2", "16", "float32", "xla", "off")
+  assert row["peak GiB"] == "n/a"                              # CPU has no memory stats
+  assert row["ref GFLOP/sample"] == "311.8"
+  c = tiny_config(**{"nva.enabled": True})
+  want = flops.step_flops(c, 16).gflop_per_sample()
+  assert float(row["GFLOP/sample"]) == pytest.approx(want, abs=0.05)
+
+  rec = json.loads(out.read_text())
+  assert rec["step_ms_min"] <= rec["step_ms_median"] <= rec["step_ms_max"]
+  assert rec["samples_per_s"] == pytest.approx(16 / (rec["step_ms_median"] / 1e3))
+  assert rec["mfu"] == pytest.approx(want * 1e9 * rec["samples_per_s"] / 989e12)
+  assert rec["mfu_ref"] == pytest.approx(311.8e9 * rec["samples_per_s"] / 989e12)
+  assert rec["compile_s"] > 0 and rec["loss"] > 0
+  # The profile: compiled HLO and a top-ops table naming the JAX ops.
+  with gzip.open(prof / "train_step.hlo.txt.gz", "rt") as f:
+    assert "fusion" in f.read()
+  top = (prof / "top_ops.md").read_text()
+  assert "| # | HLO op |" in top and "jit(train_step)" in top
+
+
+def test_bench_rejects_a_batch_that_does_not_fill_the_queue():
+  c = tiny_config()
+  with pytest.raises(ValueError, match="queue_size=512 must be a positive multiple"):
+    bench.run(c, batch=24, steps=1, warmup=0, log=lambda *_: None)
+  with pytest.raises(ValueError, match="--stage=3"):
+    bench.apply_stage(c, 3)
+
+
+def test_profile_summary_groups_device_ops(tmp_path):
+  """Device events grouped by hlo_op, busy time per step, op names from the HLO text."""
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 1, "tid": 1, "name": "gemm_a", "dur": 300.0, "args": {"hlo_op": "dot.1"}},
+      {"ph": "X", "pid": 1, "tid": 1, "name": "gemm_a", "dur": 100.0, "args": {"hlo_op": "dot.1"}},
+      {"ph": "X", "pid": 1, "tid": 2, "name": "loop_fusion", "dur": 100.0,
+       "args": {"hlo_op": "fusion.2"}},
+      {"ph": "X", "pid": 2, "tid": 1, "name": "host work", "dur": 9999.0},
+  ]
+  path = tmp_path / "t.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  hlo = bench.hlo_index(
+      '  %dot.1 = bf16[8,8]{1,0} custom-call(a, b), custom_call_target="__cublas$gemm", '
+      'metadata={op_name="jit(train_step)/vit/dot_general"}\n'
+      '  ROOT fusion.2 = f32[8]{0} fusion(x), kind=kLoop, calls=%f, metadata={op_name="jit(s)/add"}')
+  rows, busy = bench.summarize_trace(str(path), steps=2, hlo=hlo)
+  assert busy == pytest.approx(0.25)                           # 500 us over 2 steps
+  assert [r["op"] for r in rows] == ["dot.1", "fusion.2"]
+  assert rows[0]["ms_per_step"] == pytest.approx(0.2) and rows[0]["share"] == pytest.approx(0.8)
+  assert rows[0]["kind"] == "__cublas$gemm" and rows[0]["op_name"].endswith("vit/dot_general")
+  assert rows[1]["kind"] == "kLoop"
+
+
+def test_scorer_throughput_on_tiny_config():
+  """`--scorer_pairs`: the model scorer's ITM re-ranking over in-memory images, pairs/s reported."""
+  c = tiny_config()
+  row = bench.scorer_throughput(c, pairs=20, captions_per_image=5, batch=8, log=lambda *_: None)
+  assert (row["pairs"], row["images"], row["batch"]) == (20, 4, 8)
+  assert row["pairs_per_s"] == pytest.approx(20 / row["warm_s"])
+  assert row["first_s"] > 0 and row["warm_s"] > 0
+
