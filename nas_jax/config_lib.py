@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = 'xla'          # 'xla' or 'cudnn' (jax.nn.dot_product_attention).
   c.model.vit_attention = ''         # Override for the ViT only ('' = model.attention).
   c.model.remat = False              # Rematerialise each transformer layer.
+  c.model.fusion_kv_sharing = False  # ITM fusion: project cross-attn K/V once per distinct image.
 
   # ---------------------------------------------------------------- objectives
   c.itc = ml_collections.ConfigDict(dict(

@@ -238,8 +238,22 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
       pair_mask.append(batch["neg_text_mask"])
 
     k = len(pair_img)
-    fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*pair_img),
-                   train=True)
+    if c.model.fusion_kv_sharing:
+      # The k pair groups use only 1 or 2 distinct image-token sets (I, and I_fg with NVA; I_neg
+      # is a permutation of I): each fusion layer projects keys/values once per distinct set and
+      # gathers them per pair (docs/PERF.md). Same math; the gradient sums in another order.
+      sources = [image_tokens] + ([fg_tokens] if use_nva else [])
+      s, b = len(sources), image_id.shape[0]
+      ar = jnp.arange(b, dtype=jnp.int32)
+      rows = [ar * s, _take_grouped(ar, neg_img, g) * s, ar * s]
+      rows += [ar * s + 1] if use_nva else []
+      rows += [ar * s] if c.itm.text_negatives else []
+      local = _interleave(*rows) % ((b // g) * s)        # index within the device's slice
+      fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*sources),
+                     train=True, image_index=local, image_groups=g)
+    else:
+      fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*pair_img),
+                     train=True)
     itm_logits = m.itm_logits(fused)                                       # [B*k, 2]
     itm_labels = _interleave(*([jnp.ones_like(image_id)] + [jnp.zeros_like(image_id)] * (k - 1)))
     loss_itm, itm_acc = objectives.itm_loss(itm_logits, itm_labels)

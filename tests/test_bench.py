@@ -140,3 +140,26 @@ def test_scorer_throughput_on_tiny_config():
   assert row["pairs_per_s"] == pytest.approx(20 / row["warm_s"])
   assert row["first_s"] > 0 and row["warm_s"] > 0
 
+
+def test_fusion_kv_sharing_is_the_same_function():
+  """`image_index`: keys/values projected once per distinct token set, gathered per text row (within
+  each device slice) == fusing with the gathered image tokens."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nas_jax.models.nas import NASModel
+
+  c = tiny_config()
+  model = NASModel(config=c.model)
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  ids = jax.random.randint(k[0], (6, 8), 5, 40)
+  mask = jnp.ones_like(ids).at[:, 6:].set(0)
+  variables = model.init(k[1], jnp.zeros((1, 32, 32, 3)), ids[:1], mask[:1])
+  text = jax.random.normal(k[2], (6, 8, 64))
+  sets = jax.random.normal(k[3], (4, 17, 64))                 # 2 groups of 2 distinct sets
+  local = jnp.array([1, 0, 1, 0, 0, 1])                        # 2 groups of 3 text rows
+  glob = local + jnp.array([0, 0, 0, 2, 2, 2])
+  fuse = lambda m, *a, **kw: m.fuse(*a, **kw)
+  want = model.apply(variables, text, mask, sets[glob], method=fuse)
+  got = model.apply(variables, text, mask, sets, method=fuse, image_index=local, image_groups=2)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)

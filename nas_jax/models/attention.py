@@ -115,6 +115,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+def take_rows(x: jax.Array, index: jax.Array, groups: int = 1) -> jax.Array:
+  """x [U, ...] → x[index] [B, ...], gathered within each of `groups` contiguous slices (index
+  local to its slice), so that under data parallelism no rows cross devices."""
+  if x.shape[0] % groups or index.shape[0] % groups:
+    raise ValueError(f"take_rows: {x.shape[0]} rows and {index.shape[0]} indices must both split "
+                     f"into {groups} groups")
+  xg = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+  ig = index.reshape(groups, index.shape[0] // groups)
+  out = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(xg, ig)
+  return out.reshape((-1,) + x.shape[1:])
+
+
 class MultiHeadAttention(nn.Module):
   """Projections to heads + `dot_product_attention` (+ optional output projection).
 
@@ -157,8 +169,15 @@ class MultiHeadAttention(nn.Module):
 
   def attend(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
              key_mask: jax.Array | None = None, key_lengths: jax.Array | None = None,
-             deterministic: bool = True) -> jax.Array:
-    """inputs_q [B, Tq, D], inputs_kv [B, Tk, Dkv] (None = self-attention) -> [B, Tq, D]."""
+             deterministic: bool = True, kv_index: jax.Array | None = None,
+             kv_groups: int = 1) -> jax.Array:
+    """inputs_q [B, Tq, D], inputs_kv [B, Tk, Dkv] (None = self-attention) -> [B, Tq, D].
+
+    kv_index: optional int [B]: inputs_kv is then [U, Tk, Dkv] (U distinct contexts) and query row
+    b attends to context kv_index[b]. Keys and values are projected once per distinct context and
+    then gathered (`take_rows`), instead of projecting B copies. With kv_groups = G the rows are
+    G contiguous device-local slices and kv_index holds indices local to each slice.
+    """
     heads = self.num_heads
     split = lambda x: x.reshape(x.shape[:2] + (heads, self.features // heads))
     if self.fused_qkv:
@@ -170,6 +189,8 @@ class MultiHeadAttention(nn.Module):
     else:
       inputs_kv = inputs_q if inputs_kv is None else inputs_kv
       q, k, v = split(self.query(inputs_q)), split(self.key(inputs_kv)), split(self.value(inputs_kv))
+      if kv_index is not None:
+        k, v = take_rows(k, kv_index, kv_groups), take_rows(v, kv_index, kv_groups)
     use_dropout = self.dropout_rate > 0.0 and not deterministic and self.implementation == "xla"
     out = dot_product_attention(
         q, k, v, key_mask=key_mask, key_lengths=key_lengths, implementation=self.implementation,

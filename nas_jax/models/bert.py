@@ -56,9 +56,15 @@ class BertAttention(MultiHeadAttention):
     super().setup()
     self.output = DenseResidualNorm(self.config, dtype=self.dtype)
 
-  def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True):
-    """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk]."""
-    x = self.attend(hidden, context, key_mask=key_mask, deterministic=deterministic)
+  def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True,
+               context_index=None, context_groups=1):
+    """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk].
+
+    context_index: optional int [B] into a context of U distinct rows [U, Tk, Dk] (see
+    `MultiHeadAttention.attend`'s kv_index); key_mask is then given per context row [B, Tk].
+    """
+    x = self.attend(hidden, context, key_mask=key_mask, deterministic=deterministic,
+                    kv_index=context_index, kv_groups=context_groups)
     return self.output(x, hidden, deterministic)
 
 
@@ -92,11 +98,17 @@ class BertLayer(nn.Module):
     self.intermediate = Intermediate(c, dtype=self.dtype)
     self.output = DenseResidualNorm(c, dtype=self.dtype)
 
-  def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True):
-    """hidden [B, L, D] float32; mask [B, L]; image_tokens [B, Ni, Dv]; image_mask [B, Ni] or None."""
+  def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True,
+               image_index=None, image_groups=1):
+    """hidden [B, L, D] float32; mask [B, L]; image_tokens [B, Ni, Dv]; image_mask [B, Ni] or None.
+
+    image_index: optional int [B]: image_tokens are U distinct token sets [U, Ni, Dv] and row b
+    attends to set image_index[b] (local to each of image_groups slices); image_mask is per row.
+    """
     x = self.attention_block(hidden, key_mask=mask, deterministic=deterministic)
     if self.cross_attention:
-      x = self.crossattention(x, image_tokens, key_mask=image_mask, deterministic=deterministic)
+      x = self.crossattention(x, image_tokens, key_mask=image_mask, deterministic=deterministic,
+                              context_index=image_index, context_groups=image_groups)
     return self.output(self.intermediate(x), x, deterministic)
 
 
@@ -190,7 +202,7 @@ class BertModel(nn.Module):
       raise ValueError(f"bert.fusion_layer={c.fusion_layer} must lie in [0, num_layers="
                        f"{c.num_layers}]")
     self.embeddings = BertEmbeddings(c, dtype=self.dtype)
-    layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
+    layer = nn.remat(BertLayer, static_argnums=(5, 7)) if self.remat else BertLayer
     self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
                         attention=self.attention) for i in range(c.num_layers)]
     self.cls = MLMHead(c, dtype=self.dtype)
@@ -203,11 +215,12 @@ class BertModel(nn.Module):
     """Text encoder: ids, mask [B, L] → [B, L, D] after layer fusion_layer − 1 (t_cls = [:, 0])."""
     x = self.embed(ids, train=train)
     for layer in self.layer[:self.config.fusion_layer]:
-      x = layer(x, mask, None, None, not train)
+      x = layer(x, mask, None, None, not train, None, 1)  # all args: remat's static_argnums
     return x
 
   def fuse(self, hidden: jax.Array, mask: jax.Array, image_tokens: jax.Array,
-           image_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+           image_mask: jax.Array | None = None, *, train: bool = False,
+           image_index: jax.Array | None = None, image_groups: int = 1) -> jax.Array:
     """Fusion encoder.
 
     Args:
@@ -217,13 +230,17 @@ class BertModel(nn.Module):
         or NAS's dictionary tokens).
       image_mask: optional [B, Ni], 1 = attend; None attends to all.
       train: enables dropout.
+      image_index: optional int [B]: image_tokens then holds U distinct token sets [U, Ni, Dv]
+        and text row b attends to set image_index[b]; each fusion layer projects keys and values
+        once per set (ITM pair groups share images). Indices are local to each of `image_groups`
+        contiguous slices (one per device). image_mask, if given, is [B, Ni] (per text row).
 
     Returns:
       [B, L, D] float32; [:, 0] feeds the ITM head.
     """
     x = hidden
     for layer in self.layer[self.config.fusion_layer:]:
-      x = layer(x, mask, image_tokens, image_mask, not train)
+      x = layer(x, mask, image_tokens, image_mask, not train, image_index, image_groups)
     return x
 
   def mlm_logits(self, hidden: jax.Array) -> jax.Array:

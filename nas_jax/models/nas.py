@@ -101,8 +101,11 @@ class NASModel(nn.Module):
 
   # ------------------------------------------------------------------ fusion and heads
   def fuse(self, text_embeds: jax.Array, text_mask: jax.Array, image_tokens: jax.Array, *,
-           train: bool = False) -> jax.Array:
-    return self.bert.fuse(text_embeds, text_mask, image_tokens, train=train)
+           train: bool = False, image_index: jax.Array | None = None,
+           image_groups: int = 1) -> jax.Array:
+    """Fusion encoder; with image_index [B], image_tokens are U distinct sets (`BertModel.fuse`)."""
+    return self.bert.fuse(text_embeds, text_mask, image_tokens, train=train,
+                          image_index=image_index, image_groups=image_groups)
 
   def itm_logits(self, fused: jax.Array) -> jax.Array:
     return self.itm_head(fused[:, 0].astype(jnp.float32))
