@@ -127,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = -1      # -1: derived from num_epochs and data.num_train_samples.
   c.accum_steps = 1
   c.stage2_steps = 0      # >0: continue with a stage-2 (NVA) run of this many steps in <workdir>/stage2.
+  c.stage2_lr = 0.0       # Peak learning rate of that continuation (0: optim.lr).
   c.nonfinite = 'stop'    # 'stop' or 'skip' a step whose loss is not finite.
 
   # ---------------------------------------------------------------- data

@@ -296,7 +296,13 @@ def run_evals(config, model, state, mesh, tokenizer, writer, step, workdir, *, f
   if config.data.source != "synthetic" or not config.eval.enabled:
     return {}
   from nas_jax.eval import evaluate_synthetic
-  metrics, table = evaluate_synthetic(config, model, state.params, state.batch_stats, mesh, tokenizer)
+  params, batch_stats = state.params, state.batch_stats
+  if jax.process_count() > 1:
+    # The state's arrays span other hosts' devices; the evaluation runs on this process's devices
+    # (the same on every process): give it a full host-local copy.
+    from jax.experimental import multihost_utils
+    params, batch_stats = multihost_utils.process_allgather((params, batch_stats), tiled=True)
+  metrics, table = evaluate_synthetic(config, model, params, batch_stats, mesh, tokenizer)
   writer.write(step, metrics, prefix="eval/")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -318,6 +324,9 @@ def stage2_config(config: ml_collections.ConfigDict, stage1_dir: str) -> ml_coll
   c2.total_steps = config.stage2_steps
   c2.stage2_steps = 0
   c2.optim.warmup_steps = min(config.optim.warmup_steps, max(config.stage2_steps // 10, 1))
+  if config.stage2_lr > 0:
+    c2.optim.lr = config.stage2_lr
+    c2.optim.min_lr = min(config.optim.min_lr, config.stage2_lr)
   c2.lock()
   return c2
 

@@ -389,8 +389,9 @@ def test_heldout_itm_accuracy_metric():
   oracle = lambda imgs, caps: np.array([1.0 if truth[i.tobytes()] == c else -1.0
                                         for i, c in zip(imgs, caps)])
   out = metrics.evaluate(bench, oracle, threshold=0.0)
-  assert out['heldout_itm_acc'] == 100.0
+  assert out['heldout_itm_acc'] == 100.0 and out['heldout_itm_pairwise'] == 100.0
   says_yes = lambda imgs, caps: np.ones(len(caps))
   out = metrics.evaluate(bench, says_yes, threshold=0.0)
   assert (out['heldout_itm_p_match'], out['heldout_itm_p_nonmatch'], out['heldout_itm_acc']) == (100.0, 0.0, 50.0)
+  assert out['heldout_itm_pairwise'] == 0.0  # Ties fail.
   assert 'ITM on held-out scenes' in metrics.to_markdown(out, bench)

@@ -229,6 +229,7 @@ def evaluate(bench: Mapping[str, list], score_pairs: ScorePairs | None = None,
       out['heldout_itm_p_match'] = float(100 * np.mean(pos > threshold))
       out['heldout_itm_p_nonmatch'] = float(100 * np.mean(neg <= threshold))
       out['heldout_itm_acc'] = (out['heldout_itm_p_match'] + out['heldout_itm_p_nonmatch']) / 2
+      out['heldout_itm_pairwise'] = pairwise_accuracy(pos, neg)
   return out
 
 
@@ -253,8 +254,11 @@ def to_markdown(metrics: Mapping[str, float], bench: Mapping[str, list] | None =
     rows.append(('ITM decision acc (captions / foils)',
                  f'{metrics["itm_acc"]:.1f} ({_fmt(metrics, ("itm_p_caption", "itm_p_foil"))})',
                  '50.0', ''))
+  if 'heldout_itm_pairwise' in metrics:
+    rows.append(('ITM on held-out scenes: own caption scored above another scene\'s',
+                 f'{metrics["heldout_itm_pairwise"]:.1f}', '50.0', count('retrieval')))
   if 'heldout_itm_acc' in metrics:
-    rows.append(('ITM on held-out scenes: decision acc (match / other scene\'s caption)',
+    rows.append(('ITM on held-out scenes: decision acc at 0 (match / other scene\'s caption)',
                  f'{metrics["heldout_itm_acc"]:.1f} '
                  f'({_fmt(metrics, ("heldout_itm_p_match", "heldout_itm_p_nonmatch"))})',
                  '50.0', count('retrieval')))
