@@ -298,11 +298,14 @@ def run_evals(config, model, state, mesh, tokenizer, writer, step, workdir, *, f
   from nas_jax.eval import evaluate_synthetic
   params, batch_stats = state.params, state.batch_stats
   if jax.process_count() > 1:
-    # The state's arrays span other hosts' devices; the evaluation runs on this process's devices
-    # (the same on every process): give it a full host-local copy.
+    # The state's arrays span other hosts' devices; every process evaluates (the same numbers) on
+    # its own devices, from a full host-local copy, under a mesh of those devices.
+    import types
     from jax.experimental import multihost_utils
     params, batch_stats = multihost_utils.process_allgather((params, batch_stats), tiled=True)
-  metrics, table = evaluate_synthetic(config, model, params, batch_stats, mesh, tokenizer)
+    mesh = sharding.make_mesh(types.SimpleNamespace(data=-1, fsdp=1), jax.local_devices())
+  with jax.set_mesh(mesh):
+    metrics, table = evaluate_synthetic(config, model, params, batch_stats, mesh, tokenizer)
   writer.write(step, metrics, prefix="eval/")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:

@@ -58,14 +58,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train(workdir, total_steps: int, processes: int, sigterm_to: int | None = None) -> list[str]:
+def _train(workdir, total_steps: int, processes: int, sigterm_to: int | None = None,
+           evaluate: bool = False) -> list[str]:
   """Runs the CLI in `processes` processes (8 CPU devices in all); returns their outputs.
   sigterm_to: send SIGTERM to that process only, once its training loop has started."""
   args = [sys.executable, "-m", "nas_jax.train", "--config", "configs/demo.py:tiny",
           "--workdir", str(workdir), f"--config.total_steps={total_steps}"]
   args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  launch_vars = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS")
-  base = {k: v for k, v in os.environ.items() if k not in launch_vars}
+  args += ["--config.eval.enabled=True"] if evaluate else []
+  # No persistent compilation cache (conftest sets one): with it, two processes once hung in the
+  # first step (jax 0.12 CPU), apparently one loading the step from the cache, the other compiling.
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS")
+          and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   base.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
   port = _free_port()
@@ -102,7 +107,7 @@ def _train(workdir, total_steps: int, processes: int, sigterm_to: int | None = N
 
 def _metrics(workdir) -> dict:
   rows = [json.loads(l) for l in open(pathlib.Path(workdir) / "metrics.jsonl")]
-  return {r["step"]: r for r in rows}
+  return {r["step"]: r for r in rows if "loss" in r}   # Training rows (not eval/ rows).
 
 
 def _state(workdir):
@@ -129,9 +134,12 @@ def test_two_processes_save_resume_match_one(tmp_path):
   # Both processes wrote their part of the checkpoint and their data position.
   assert sorted(p.name for p in (two / "checkpoints" / str(stop) / "data").glob("process_*")) == \
       ["process_0-of-2.json", "process_1-of-2.json"]
-  second = _train(two, steps, processes=2)
+  second = _train(two, steps, processes=2, evaluate=True)
   for out in second:
     assert f"at step {stop}" in out and "resumed from" in out
+  # The final evaluation runs on each process's devices; process 0 prints and writes it.
+  assert f"Evaluation after {steps} steps" in second[0] and "Evaluation after" not in second[1]
+  assert json.loads((two / "eval.json").read_text())["step"] == steps
   # Metrics and the progress bar come from process 0 only.
   assert "stage 1:" in second[0] and "stage 1:" not in second[1]
 
