@@ -9,25 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from step_utils import build, fixed_batch, tiny_config
+from step_utils import assert_params_close, build, fixed_batch, tiny_config
 
 K, G = 4, 2
-
-
-def assert_params_close(got, want, atol: float) -> None:
-  """Leaf-by-leaf allclose of two parameter trees, except the attention *key* biases: softmax is
-  invariant to them, so their gradient is pure rounding noise, which AdamW (a ~lr-sized step
-  whatever the gradient's scale) turns into values that differ between reduction orders."""
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
-    name = jax.tree_util.keystr(path)
-    a, b = np.asarray(a), np.asarray(b)
-    if name.endswith("['key']['bias']"):
-      continue
-    if name.endswith("['qkv']['bias']"):   # [q | k | v]
-      d = a.shape[-1] // 3
-      keep = np.r_[0:d, 2 * d:3 * d]
-      a, b = a[..., keep], b[..., keep]
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +85,6 @@ def test_data_initialised_codebook_from_first_micro_batch():
   features, then assigns the whole batch to it and applies eq. 2 once."""
   import jax.numpy as jnp
   from nas_jax.models.dictionary import _data_init, ema_update, pairwise_sq_dist
-  from nas_jax.models.nas import NASModel
   c = tiny_config(accum_steps=2, **{"model.dictionary.init": "data"})
   model, _, _, state, step = build(c, num_groups=1)
   batch = fixed_batch(c)
