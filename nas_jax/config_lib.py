@@ -18,7 +18,21 @@ Sections:
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` → its `get_config(arg)` (the CLIs' --config outside absl)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found (e.g. configs/demo.py)")
+  module_spec = importlib.util.spec_from_file_location("nas_jax_user_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def vit_b16(image_size: int = 256) -> ml_collections.ConfigDict:

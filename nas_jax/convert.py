@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -578,15 +577,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 def _load_config(spec: str | None):
   from nas_jax import config_lib
 
-  if not spec:
-    return config_lib.base_config()
-  file, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_nas_jax_convert_config", file)
-  if module_spec is None or not os.path.isfile(file):
-    raise FileNotFoundError(f"config file {file} does not exist")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return config_lib.load_config_file(spec) if spec else config_lib.base_config()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,7 +26,6 @@ Outputs: <out>/results.md and <out>/results.json (every number, the protocol of 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -86,17 +85,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     files.setdefault(task, []).append(path)
   args.aro_order_file = files
   return args
-
-
-def load_config_file(spec: str):
-  """`file.py` or `file.py:arg` -> get_config(arg)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'--config {path!r} does not exist')
-  module_spec = importlib.util.spec_from_file_location('nas_jax_eval_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 # ---------------------------------------------------------------------------------------- data check
@@ -234,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from nas_jax.data.text import load_tokenizer
   from nas_jax.models.nas import NASModel
 
+  from nas_jax.config_lib import load_config_file
   config = load_config_file(args.config) if args.config else None
   config, params, batch_stats = checkpoint.load_params(args.checkpoint, config)
   image_size = config.model.vit.image_size  # Position embeddings fix the resolution.

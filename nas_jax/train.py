@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from nas_jax import checkpoint as ckpt_lib
 from nas_jax import optim, sharding
+from nas_jax.config_lib import load_config_file  # noqa: F401  (public: used by the notebook)
 from nas_jax.metrics_writer import MetricWriter
 from nas_jax.models.nas import NASModel
 from nas_jax.train_step import TokenIds, TrainState, init_state, make_train_step
@@ -354,18 +354,6 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:arg]` → its `get_config(arg)`."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found (e.g. configs/demo.py)")
-  spec_ = importlib.util.spec_from_file_location("nas_jax_user_config", path)
-  module = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def check_overrides(argv: list[str]) -> None:
