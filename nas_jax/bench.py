@@ -1,7 +1,7 @@
 r"""Speed of the full NAS training step: `python -m nas_jax.bench --config configs/X.py [...]`.
 
   python -m nas_jax.bench --config configs/stage2.py --batch 64 --steps 25 --warmup 3
-  python -m nas_jax.bench --config configs/stage2.py --config.model.vit_attention=cudnn \
+  python -m nas_jax.bench --config configs/stage2.py --config.model.attention=cudnn \
       --batch 64 --stage 1 --json_out runs/bench.jsonl --profile_dir runs/prof
   python -m nas_jax.bench --config configs/demo.py:tiny --batch 16 --steps 3    # CPU smoke test
 
@@ -14,8 +14,12 @@ samples/s, peak device memory, the analytic matmul GFLOP/sample of the step as c
 (`nas_jax/flops.py`) and MFU against 989 TFLOP/s on that count and on the PyTorch reference's
 311.8 GFLOP/sample.
 
-`--profile_dir DIR` also traces `--profile_steps` steps with `jax.profiler` and prints the top
-device ops (grouped by HLO instruction, with the op name of the JAX code that produced it).
+`--profile_dir DIR` also traces `--profile_steps` steps with `jax.profiler` and writes top_ops.md:
+the top device ops (by HLO instruction, with the op name of the JAX code that produced it), then
+device time by kind of work, by model part, by pass (fwd / bwd / no-grad), and by JAX op with the
+layers of a stack summed; ops.json.gz holds every op. Run it with
+XLA_FLAGS=--xla_gpu_enable_command_buffer= on GPUs: inside a CUDA graph ops are not seen one by one.
+`scripts/bench_suite.sh` runs several variants in one go.
 `--scorer_pairs N` measures the ITM re-ranking throughput of `benchmarks/model_scorer.py` instead.
 """
 
@@ -103,9 +107,13 @@ def synthetic_batch(config, batch_size: int, sharding, seed: int = 0) -> dict:
 
 
 def attention_label(config) -> str:
+  from nas_jax.models.attention import resolve_implementation
+  from nas_jax.models.nas import compute_dtype
   m = config.model
-  vit = m.vit_attention or m.attention
-  return m.attention if vit == m.attention else f"vit {vit}, text {m.attention}"
+  dtype = compute_dtype(m.dtype)
+  text = resolve_implementation(m.attention, dtype)
+  vit = resolve_implementation(m.vit_attention or m.attention, dtype)
+  return text if vit == text else f"vit {vit}, text {text}"
 
 
 # ------------------------------------------------------------------------------ profile summary
@@ -130,11 +138,9 @@ def hlo_index(hlo_text: str) -> dict[str, dict[str, str]]:
   return out
 
 
-def summarize_trace(trace_path: str, steps: int, hlo: dict[str, dict[str, str]] | None = None,
-                    top: int = 25) -> tuple[list[dict], float]:
-  """Top device ops of a `jax.profiler` perfetto trace: rows {op, ms_per_step, share, kind,
-  op_name, kernel} by total time, and the device busy time per step (ms). Device tracks are the
-  '/device:...' processes; on CPU the XLA execution threads of the host."""
+def _device_op_totals(trace_path: str) -> dict[str, tuple[float, str]]:
+  """hlo_op (or event name) -> (total device microseconds, first kernel name) over a perfetto
+  trace. Device tracks are the '/device:...' processes; on CPU the XLA execution threads."""
   with gzip.open(trace_path, "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
@@ -151,8 +157,7 @@ def summarize_trace(trace_path: str, steps: int, hlo: dict[str, dict[str, str]] 
       return e["pid"] in device_pids
     return threads.get((e["pid"], e["tid"]), "").startswith("tf_XLAExecute")
 
-  totals: dict[str, float] = {}
-  kernels: dict[str, str] = {}
+  totals: dict[str, tuple[float, str]] = {}
   for e in events:
     if e.get("ph") != "X" or not on_device(e):
       continue
@@ -160,16 +165,102 @@ def summarize_trace(trace_path: str, steps: int, hlo: dict[str, dict[str, str]] 
     if not device_pids and e["name"].startswith("ThunkExecutor"):
       continue  # CPU: the executor's wrapper events enclose the op events.
     key = args.get("hlo_op") or e["name"]
-    totals[key] = totals.get(key, 0.0) + float(e.get("dur", 0.0))
-    kernels.setdefault(key, e["name"])
-  busy = sum(totals.values())
+    us, kernel = totals.get(key, (0.0, e["name"]))
+    totals[key] = (us + float(e.get("dur", 0.0)), kernel)
+  return totals
+
+
+def summarize_trace(trace_path: str, steps: int, hlo: dict[str, dict[str, str]] | None = None,
+                    top: int = 25) -> tuple[list[dict], float]:
+  """Top device ops of a `jax.profiler` perfetto trace: rows {op, ms_per_step, share, kind,
+  op_name, kernel} by total time, and the device busy time per step (ms)."""
+  totals = _device_op_totals(trace_path)
+  busy = sum(us for us, _ in totals.values())
   rows = []
-  for key, us in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+  for key, (us, kernel) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
     info = (hlo or {}).get(key, {})
     rows.append({"op": key, "ms_per_step": us / 1e3 / steps, "share": us / max(busy, 1e-9),
                  "kind": info.get("target") or info.get("kind", ""),
-                 "op_name": info.get("op_name", ""), "kernel": kernels[key]})
+                 "op_name": info.get("op_name", ""), "kernel": kernel})
   return rows, busy / 1e3 / steps
+
+
+_PART_OF_METHOD = {"encode_image": "ViT", "encode_text": "text encoder", "fuse": "fusion (ITM + MLM)",
+                   "mlm": "MLM (text + fusion + head)", "mlm_logits": "MLM head",
+                   "text": "MLM text encoder", "dictionary_tokens": "VD",
+                   "tokens_from_codes": "NVA", "itm_logits": "ITM head"}
+
+
+def op_category(op_name: str, kind: str, kernel: str = "") -> dict[str, str]:
+  """Where an HLO op belongs, from its JAX op name and HLO kind / custom-call target.
+
+  Returns {'pass': 'fwd' (online forward, under jvp) | 'bwd' (under transpose) | 'no-grad'
+  (momentum forward, optimizer, sampling), 'part': model part or 'optimizer/other',
+  'work': 'matmul' | 'attention' | 'conv' | 'elementwise' | 'reduction' | 'copy/other',
+  'op': the op name with layer indices replaced by N (for grouping the layers of a stack)}.
+  """
+  name = op_name.split("jit(train_step)/", 1)[-1]
+  pass_ = "bwd" if name.startswith("transpose(") else "fwd" if name.startswith("jvp(") else "no-grad"
+  m = re.search(r"NASModel\.(\w+)", name) or re.search(r"\bbert\.(text)\b", name)
+  part = _PART_OF_METHOD.get(m.group(1), m.group(1)) if m else (
+      "random bits" if re.search(r"threefry|_uniform|_randint|_gumbel|_bernoulli", name)
+      else "optimizer/other")
+  k = f"{kind} {kernel}".lower()
+  if "cublas" in k or "gemm" in k or "matmul" in k:
+    work = "matmul"
+  elif "fmha" in k or "cudnn$f" in k or "flash" in k:
+    work = "attention"
+  elif "cudnn$conv" in k or "convolution" in k:
+    work = "conv"
+  elif "kloop" in k:
+    work = "elementwise"
+  elif "kinput" in k or "reduce" in k:
+    work = "reduction"
+  else:
+    work = "copy/other"
+  op = re.sub(r"(blocks|layer)_\d+", r"\1_N", name)
+  return {"pass": pass_, "part": part, "work": work, "op": op}
+
+
+def group_trace(trace_path: str, steps: int, hlo: dict[str, dict[str, str]],
+                by: tuple[str, ...] = ("pass", "part", "work"), top: int = 30) -> list[dict]:
+  """Device time per step summed over groups of ops (`op_category` keys in `by`), largest first:
+  rows {**group, 'ms_per_step', 'share', 'ops'} (ops = distinct HLO ops in the group)."""
+  totals = _device_op_totals(trace_path)
+  busy = sum(us for us, _ in totals.values())
+  groups: dict[tuple, list] = {}
+  for key, (us, kernel) in totals.items():
+    info = hlo.get(key, {})
+    cat = op_category(info.get("op_name", ""), info.get("target") or info.get("kind", ""), kernel)
+    g = groups.setdefault(tuple(cat[b] for b in by), [0.0, 0])
+    g[0] += us
+    g[1] += 1
+  rows = [dict(zip(by, key), ms_per_step=us / 1e3 / steps, share=us / max(busy, 1e-9), ops=n)
+          for key, (us, n) in groups.items()]
+  return sorted(rows, key=lambda r: -r["ms_per_step"])[:top]
+
+
+def op_rows(trace_path: str, steps: int, hlo: dict[str, dict[str, str]]) -> list[dict]:
+  """Every device op of the trace: {hlo_op, us_per_step, kernel, kind, op_name, **op_category}
+  (where 'op' is the grouped JAX op name)."""
+  rows = []
+  for key, (us, kernel) in _device_op_totals(trace_path).items():
+    info = hlo.get(key, {})
+    kind = info.get("target") or info.get("kind", "")
+    rows.append({**op_category(info.get("op_name", ""), kind, kernel), "hlo_op": key,
+                 "us_per_step": us / steps, "kernel": kernel, "kind": kind,
+                 "op_name": info.get("op_name", "")})
+  return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def group_table(rows: list[dict], by: tuple[str, ...]) -> str:
+  head = "| " + " | ".join(by) + " | ms/step | share | HLO ops |"
+  lines = [head, "|" + "---|" * (len(by) + 3)]
+  for r in rows:
+    cells = [str(r[b])[-100:].replace("|", "/") for b in by]
+    lines.append("| " + " | ".join(cells) + f" | {r['ms_per_step']:.3f} | "
+                 f"{100 * r['share']:.1f}% | {r['ops']} |")
+  return "\n".join(lines)
 
 
 def profile_table(rows: list[dict], busy_ms: float) -> str:
@@ -302,8 +393,18 @@ def _profile(compiled, state, data, profile_dir: str, steps: int, log) -> dict:
   if not new:
     log("[bench] profiler wrote no perfetto trace")
     return {"state": state}
-  rows, busy = summarize_trace(new[-1], steps, hlo_index(hlo_text))
-  table = profile_table(rows, busy)
+  hlo = hlo_index(hlo_text)
+  rows, busy = summarize_trace(new[-1], steps, hlo)
+  with gzip.open(os.path.join(profile_dir, "ops.json.gz"), "wt") as f:
+    json.dump(op_rows(new[-1], steps, hlo), f)
+  group = lambda by, top: group_table(group_trace(new[-1], steps, hlo, by=by, top=top), by)
+  table = "\n\n".join([
+      profile_table(rows, busy),
+      "By kind of work:\n\n" + group(("work",), 10),
+      "By model part:\n\n" + group(("part",), 20),
+      "By pass, model part and kind of work:\n\n" + group(("pass", "part", "work"), 60),
+      "By JAX op, layers of a stack summed (op names with blocks_N / layer_N):\n\n"
+      + group(("pass", "work", "op"), 80)])
   with open(os.path.join(profile_dir, "top_ops.md"), "w") as f:
     f.write(table + "\n")
   log(table)
@@ -311,7 +412,7 @@ def _profile(compiled, state, data, profile_dir: str, steps: int, log) -> dict:
 
 
 COLUMNS = ("config", "stage", "batch", "dtype", "attention", "remat", "compile s",
-           "step ms median (min–max)", "samples/s", "peak GiB", "GFLOP/sample", "ref GFLOP/sample",
+           "step ms median (min–max)", "samples/s", "pipelined samples/s", "peak GiB", "GFLOP/sample", "ref GFLOP/sample",
            "MFU", "MFU (ref count)")
 
 
@@ -323,7 +424,7 @@ def markdown_table(rows: list[dict]) -> str:
     cells = [r["config"], str(r["stage"]), str(r["batch"]), r["dtype"], r["attention"],
              "on" if r["remat"] else "off", f"{r['compile_s']:.1f}",
              f"{r['step_ms_median']:.2f} ({r['step_ms_min']:.2f}–{r['step_ms_max']:.2f})",
-             f"{r['samples_per_s']:.1f}", peak, f"{r['gflop_per_sample']:.1f}",
+             f"{r['samples_per_s']:.1f}", f"{r['samples_per_s_pipelined']:.1f}", peak, f"{r['gflop_per_sample']:.1f}",
              f"{r['ref_gflop_per_sample']:.1f}", f"{100 * r['mfu']:.1f}%",
              f"{100 * r['mfu_ref']:.1f}%"]
     lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -393,7 +494,7 @@ def main(argv):
   from absl import flags
   f = flags.FLAGS
   config = apply_stage(f.config, f.stage)
-  label = _label(sys.argv)
+  label = f.label or _label(sys.argv)
   try:
     if f.scorer_pairs > 0:
       row = scorer_throughput(config, pairs=f.scorer_pairs, batch=f.batch)
@@ -435,6 +536,7 @@ def cli():
   flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
   flags.DEFINE_bool("compile_only", False, "Only compile (fills JAX's compilation cache).")
   flags.DEFINE_integer("scorer_pairs", 0, "> 0: measure ITM re-ranking pairs/s instead.")
+  flags.DEFINE_string("label", "", "Name of the row (default: config file and overrides).")
   flags.mark_flags_as_required(["config"])
   app.run(main)
 

@@ -132,6 +132,41 @@ def test_profile_summary_groups_device_ops(tmp_path):
   assert rows[1]["kind"] == "kLoop"
 
 
+def test_profile_groups_layers_passes_and_kinds_of_work(tmp_path):
+  """The grouped profile: layer indices summed, fwd/bwd/no-grad from jvp/transpose, matmuls apart
+  from elementwise kernels, parts named after the model methods."""
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+  ops = {  # hlo op -> (us, op_name, hlo text kind)
+      "gemm.1": (300.0, "jit(train_step)/jvp(NASModel.encode_image)/vit/blocks_0/mlp/fc1/dot_general",
+                 'custom_call_target="__cublas$lt$matmul"'),
+      "gemm.2": (100.0, "jit(train_step)/jvp(NASModel.encode_image)/vit/blocks_11/mlp/fc1/dot_general",
+                 'custom_call_target="__cublas$lt$matmul"'),
+      "fusion.3": (50.0, "jit(train_step)/transpose(jvp(NASModel.fuse))/bert/layer_7/mul",
+                   "kind=kLoop"),
+      "fusion.4": (40.0, "jit(train_step)/NASModel.encode_image/vit/blocks_3/norm1/reduce_sum",
+                   "kind=kInput"),
+      "fusion.5": (10.0, "jit(train_step)/jit(tree_bias_correction)/div", "kind=kLoop"),
+  }
+  hlo_text = ""
+  for op, (us, name, kind) in ops.items():
+    events.append({"ph": "X", "pid": 1, "tid": 1, "name": op, "dur": us, "args": {"hlo_op": op}})
+    hlo_text += f'  %{op} = f32[8]{{0}} fusion(x), {kind}, metadata={{op_name="{name}"}}\n'
+  path = tmp_path / "t.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  hlo = bench.hlo_index(hlo_text)
+  rows = bench.group_trace(str(path), steps=1, hlo=hlo, by=("pass", "part", "work"))
+  assert [(r["pass"], r["part"], r["work"], r["ops"]) for r in rows] == [
+      ("fwd", "ViT", "matmul", 2), ("bwd", "fusion (ITM + MLM)", "elementwise", 1),
+      ("no-grad", "ViT", "reduction", 1), ("no-grad", "optimizer/other", "elementwise", 1)]
+  assert rows[0]["ms_per_step"] == pytest.approx(0.4) and rows[0]["share"] == pytest.approx(0.8)
+  by_op = bench.group_trace(str(path), steps=1, hlo=hlo, by=("op",))
+  assert by_op[0]["op"] == "jvp(NASModel.encode_image)/vit/blocks_N/mlp/fc1/dot_general"
+  assert by_op[0]["ops"] == 2
+  table = bench.group_table(rows, ("pass", "part", "work"))
+  assert "| fwd | ViT | matmul | 0.400 | 80.0% | 2 |" in table
+
+
 def test_scorer_throughput_on_tiny_config():
   """`--scorer_pairs`: the model scorer's ITM re-ranking over in-memory images, pairs/s reported."""
   c = tiny_config()
@@ -140,26 +175,3 @@ def test_scorer_throughput_on_tiny_config():
   assert row["pairs_per_s"] == pytest.approx(20 / row["warm_s"])
   assert row["first_s"] > 0 and row["warm_s"] > 0
 
-
-def test_fusion_kv_sharing_is_the_same_function():
-  """`image_index`: keys/values projected once per distinct token set, gathered per text row (within
-  each device slice) == fusing with the gathered image tokens."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from nas_jax.models.nas import NASModel
-
-  c = tiny_config()
-  model = NASModel(config=c.model)
-  k = jax.random.split(jax.random.PRNGKey(0), 4)
-  ids = jax.random.randint(k[0], (6, 8), 5, 40)
-  mask = jnp.ones_like(ids).at[:, 6:].set(0)
-  variables = model.init(k[1], jnp.zeros((1, 32, 32, 3)), ids[:1], mask[:1])
-  text = jax.random.normal(k[2], (6, 8, 64))
-  sets = jax.random.normal(k[3], (4, 17, 64))                 # 2 groups of 2 distinct sets
-  local = jnp.array([1, 0, 1, 0, 0, 1])                        # 2 groups of 3 text rows
-  glob = local + jnp.array([0, 0, 0, 2, 2, 2])
-  fuse = lambda m, *a, **kw: m.fuse(*a, **kw)
-  want = model.apply(variables, text, mask, sets[glob], method=fuse)
-  got = model.apply(variables, text, mask, sets, method=fuse, image_index=local, image_groups=2)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
