@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base_config()
   c.stage = 3
   c.model.dtype = "bfloat16"
+  c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
   c.model.vit.image_size = 384
   c.data.image_size = 384
   c.nva.enabled = arg != "albef"

@@ -22,6 +22,7 @@ def get_config(arg: str | None = None):
   c.stage = 1
   c.model.use_dictionary = arg != "albef"
   c.model.dtype = "bfloat16"
+  c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
   c.nva.enabled = False
   c.num_epochs = 29
   c.data.source = "albef_json"

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base_config()
   c.stage = 2
   c.model.dtype = "bfloat16"
+  c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
   c.model.use_dictionary = True
   c.nva.enabled = True
   c.num_epochs = 1

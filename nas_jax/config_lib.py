@@ -46,6 +46,7 @@ def vit_b16(image_size: int = 256) -> ml_collections.ConfigDict:
       mlp_dim=3072,
       layer_norm_eps=1e-6,
       init_std=0.02,       # timm's trunc-normal std (pretrained weights usually replace it).
+      gelu='exact',        # MLP activation: 'exact' (DeiT) or 'tanh' (faster on GPU; PERF.md).
   ))
 
 
@@ -65,6 +66,7 @@ def bert_base() -> ml_collections.ConfigDict:
       attention_dropout=0.1,
       pad_token_id=0,
       initializer_range=0.02,
+      gelu='exact',        # FFN / MLM-head activation: 'exact' (BERT) or 'tanh' (PERF.md).
   ))
 
 
@@ -90,10 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
       reuse_gate=True,    # NVA negative mixes with the positive's gate weights (authors' code).
   ))
   c.model.dtype = 'float32'          # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
-  c.model.attention = 'xla'          # 'xla' or 'cudnn' (jax.nn.dot_product_attention).
-  c.model.vit_attention = ''         # Override for the ViT only ('' = model.attention).
+  c.model.attention = 'xla'          # 'xla' | 'cudnn' | 'auto' (cudnn on GPU with bf16, else xla).
+                                     # cuDNN has no attention-probability dropout (BERT's 0.1).
+  c.model.vit_attention = ''         # Override for the ViT only ('' = model.attention); the
+                                     # ViT has no dropout, so 'auto' there changes nothing but speed.
   c.model.remat = False              # Rematerialise each transformer layer.
-  c.model.fusion_kv_sharing = False  # ITM fusion: project cross-attn K/V once per distinct image.
 
   # ---------------------------------------------------------------- objectives
   c.itc = ml_collections.ConfigDict(dict(

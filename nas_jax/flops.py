@@ -28,10 +28,6 @@ ITC width E, queue Q, batch B (G device groups, b = B / G); VD size m, code widt
   nva_tokens     = 2 (2 N c^2) + 2 N (2c)(2)          trained         (out_dense on q_neg and q)
   nva_select     = 2 * 2 N Dv (cosines) + 2 m^2 c / B no grad
 
-With model.fusion_kv_sharing the ITM fusion projects the cross-attention keys/values once per
-distinct image-token set (I, and I_fg with NVA) instead of once per pair group: the k groups' fusion
-count drops by (k - distinct) * (Lb - F) * 4 T Dv D.
-
 Step = momentum forward (ViT, text, MLM: text + fusion + head; 1x)
      + online (ViT, text, projections, VD, k ITM fusion passes, ITM head, MLM; 3x)
      + ITC similarities (online 3x, momentum-target 1x) + hard-negative sims + VD distances (1x).
@@ -172,12 +168,7 @@ def step_flops(config: ml_collections.ConfigDict, batch_size: int | None = None,
                    1)]
   if c.itm.text_negatives:
     parts.append(Part("text (hard-negative captions)", text, 3))
-  itm = groups * fusion
-  if c.model.get("fusion_kv_sharing", False):
-    # Cross-attention keys/values are projected once per distinct image-token set, not per pair.
-    distinct = 1 + int(use_nva)
-    itm -= (groups - distinct) * (bert.num_layers - bert.fusion_layer) * 4 * t * dv * d
-  parts += [Part(f"itm fusion ({groups} pair groups)", itm, 3),
+  parts += [Part(f"itm fusion ({groups} pair groups)", groups * fusion, 3),
             Part("itm head", groups * 2 * d * 2, 3)]
   if mlm:
     parts.append(Part("mlm (text + fusion + head)", mlm_fwd, 3))

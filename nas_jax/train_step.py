@@ -47,7 +47,7 @@ import optax
 
 from nas_jax import nva, objectives
 from nas_jax.models import dictionary
-from nas_jax.models.nas import MOMENTUM_KEYS, NASModel, l2_normalize
+from nas_jax.models.nas import MOMENTUM_KEYS, NASModel, compute_dtype as dtype_of, l2_normalize
 
 
 @flax.struct.dataclass
@@ -156,6 +156,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
   c = config
   use_vd = c.model.use_dictionary
   use_nva = c.nva.enabled
+  compute_dtype = dtype_of(c.model.dtype)
   if use_nva and not use_vd:
     raise ValueError("config.nva.enabled=True needs config.model.use_dictionary=True "
                      "(NVA replaces visual-dictionary codes)")
@@ -238,30 +239,25 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
       pair_mask.append(batch["neg_text_mask"])
 
     k = len(pair_img)
-    if c.model.fusion_kv_sharing:
-      # The k pair groups use only 1 or 2 distinct image-token sets (I, and I_fg with NVA; I_neg
-      # is a permutation of I): each fusion layer projects keys/values once per distinct set and
-      # gathers them per pair (docs/PERF.md). Same math; the gradient sums in another order.
-      sources = [image_tokens] + ([fg_tokens] if use_nva else [])
-      s, b = len(sources), image_id.shape[0]
-      ar = jnp.arange(b, dtype=jnp.int32)
-      rows = [ar * s, _take_grouped(ar, neg_img, g) * s, ar * s]
-      rows += [ar * s + 1] if use_nva else []
-      rows += [ar * s] if c.itm.text_negatives else []
-      local = _interleave(*rows) % ((b // g) * s)        # index within the device's slice
-      fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*sources),
-                     train=True, image_index=local, image_groups=g)
-    else:
-      fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*pair_img),
-                     train=True)
-    itm_logits = m.itm_logits(fused)                                       # [B*k, 2]
+    # -- MLM on the full BERT (masked text, cross-attention to the continuous image embeddings).
+    # Its fusion pass joins the ITM pairs as one more row group, so that each fusion layer runs
+    # one set of [B·(k+1)] matmuls: as two calls, XLA merges their matmuls anyway, copying both
+    # inputs together in every layer (docs/PERF.md). Row groups stay device-local (_interleave).
+    if c.mlm.enabled:
+      pair_img.append(img["embeds"])
+      pair_txt.append(m.bert.text(mlm_ids, mask, train=True))
+      pair_mask.append(mask)
+    # The image tokens in the compute dtype before they are copied into pair order.
+    pair_img = [t.astype(compute_dtype) for t in pair_img]
+    fused = m.fuse(_interleave(*pair_txt), _interleave(*pair_mask), _interleave(*pair_img),
+                   train=True)
+    fused = fused.reshape((-1, len(pair_img)) + fused.shape[1:])           # [B, groups, L, D]
+    itm_logits = m.itm_logits(fused[:, :k].reshape((-1,) + fused.shape[2:]))  # [B*k, 2]
     itm_labels = _interleave(*([jnp.ones_like(image_id)] + [jnp.zeros_like(image_id)] * (k - 1)))
     loss_itm, itm_acc = objectives.itm_loss(itm_logits, itm_labels)
 
-    # -- MLM on the full BERT with cross-attention to the continuous image embeddings.
     if c.mlm.enabled:
-      logits = m.mlm(mlm_ids, mask, img["embeds"], train=True)
-      loss_mlm = objectives.mlm_loss(logits, mlm_labels, logits_m, alpha)
+      loss_mlm = objectives.mlm_loss(m.mlm_logits(fused[:, k]), mlm_labels, logits_m, alpha)
     else:
       loss_mlm = jnp.zeros((), jnp.float32)
 

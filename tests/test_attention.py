@@ -167,3 +167,15 @@ def test_module_dropout_uses_the_dropout_stream(monkeypatch):
                              dtype=jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(cudnn.apply(p, x, deterministic=False)),
                                 np.asarray(cudnn.apply(p, x)))
+
+
+def test_auto_implementation_picks_cudnn_only_on_gpu_with_half_precision():
+  from nas_jax.models.attention import resolve_implementation
+  assert resolve_implementation("auto", jnp.bfloat16, backend="gpu") == "cudnn"
+  assert resolve_implementation("auto", jnp.float16, backend="cuda") == "cudnn"
+  assert resolve_implementation("auto", jnp.float32, backend="gpu") == "xla"   # cuDNN needs bf16
+  assert resolve_implementation("auto", jnp.bfloat16, backend="tpu") == "xla"
+  assert resolve_implementation("auto", jnp.bfloat16) == "xla"                 # this CPU
+  assert resolve_implementation("cudnn", jnp.float32) == "cudnn"              # explicit wins
+  with pytest.raises(ValueError, match="model.attention / model.vit_attention"):
+    resolve_implementation("flash", jnp.bfloat16)

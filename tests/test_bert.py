@@ -200,3 +200,31 @@ def test_text_too_long_is_a_clear_error():
   ids = jnp.zeros((1, MAX_POS + 2), jnp.int32)
   with pytest.raises(ValueError, match="exceeds bert.max_position_embeddings=16"):
     model.apply(params, ids, jnp.ones_like(ids), method="text")
+
+
+def test_cudnn_path_pads_text_and_image_tokens_once_and_computes_the_same(monkeypatch):
+  """On 'cudnn' the text (7 tokens) and image tokens (5) are padded to even lengths once, at the
+  entry of `text` / `fuse`, so every attention call already has even lengths (no per-layer
+  copies). Checked on CPU with XLA standing in for the cuDNN kernel: same outputs as 'xla'."""
+  from nas_jax.models import attention as attn_lib
+  cfg = tiny_config()
+  _, params, (ids, mask, image) = _init(cfg)
+  _, _, _, image_mask = _tiny_inputs()
+  ids, mask = ids[:, :7], mask[:, :7]
+  run = lambda m, i, t, v, vm: m.fuse(m.text(i, t), t, v, vm)
+  want = BertModel(cfg, dtype=jnp.bfloat16).apply(params, ids, mask, image, image_mask, method=run)
+
+  seen, real = [], attn_lib.dot_product_attention
+
+  def xla_instead_of_cudnn(q, k, v, **kw):
+    seen.append((q.shape[1], k.shape[1]))
+    kw["implementation"] = "xla"
+    return real(q, k, v, **kw)
+
+  monkeypatch.setattr(attn_lib, "dot_product_attention", xla_instead_of_cudnn)
+  got = BertModel(cfg, dtype=jnp.bfloat16, attention="cudnn").apply(
+      params, ids, mask, image, image_mask, method=run)
+  assert sorted(set(seen)) == [(8, 6), (8, 8)]        # text 7 -> 8, image tokens 5 -> 6
+  assert len(seen) == LAYERS + (LAYERS - FUSION)     # self-attention everywhere + cross-attention
+  assert got.shape == want.shape == (3, 7, HIDDEN)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=0)

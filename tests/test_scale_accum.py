@@ -51,7 +51,9 @@ def test_losses_match(runs):
 def test_updated_state_matches(runs):
   (s1, _), (sk, _) = runs["big"], runs["accum"]
   lr = 1e-3
-  assert_params_close(sk.params, s1.params, atol=1e-6)
+  # 3e-6: AdamW turns an element's near-zero gradient, summed in another order, into a visible
+  # difference (seen: 1 of 256 VD gate weights at 1.2e-6); still ~300x below the update.
+  assert_params_close(sk.params, s1.params, atol=3e-6)
   # The tolerance is far below the update itself: the runs moved.
   moved = [np.abs(np.asarray(a) - np.asarray(a0)).max()
            for a, a0 in zip(jax.tree.leaves(s1.params), jax.tree.leaves(runs["init"].params))]

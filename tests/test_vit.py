@@ -156,3 +156,20 @@ def test_remat_gives_the_same_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4,
                                                        rtol=1e-4), plain, remat)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain)) > 1e-3  # Non-trivial.
+
+
+def test_tanh_gelu_switch_is_close_to_exact_and_checked():
+  """`vit.gelu='tanh'` (a speed switch) stays within the approximation's error of the exact GELU
+  on the same weights; an unknown kind names the config keys."""
+  from nas_jax.models.activations import gelu
+  params, images = _init_small()
+  exact = VisionTransformer(vit_config()).apply(params, images)
+  cfg = vit_config()
+  cfg.gelu = "tanh"
+  tanh = VisionTransformer(cfg).apply(params, images)
+  diff = float(jnp.abs(tanh - exact).max())
+  assert 0 < diff < 1e-2
+  x = jnp.linspace(-6, 6, 1001)
+  assert float(jnp.abs(gelu(x, "tanh") - gelu(x, "exact")).max()) < 1e-3
+  with pytest.raises(ValueError, match="model.vit.gelu / model.bert.gelu"):
+    gelu(x, "erf")

@@ -33,6 +33,17 @@ def _check_implementation(implementation: str) -> None:
                      "(config key model.attention / model.vit_attention)")
 
 
+def resolve_implementation(name: str, dtype: Any, backend: str | None = None) -> str:
+  """The config's attention name → 'xla' | 'cudnn'. 'auto' is 'cudnn' on a GPU with bfloat16 or
+  float16 compute, else 'xla' (TPU, CPU, float32). `backend` defaults to jax.default_backend()."""
+  if name != "auto":
+    _check_implementation(name)
+    return name
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if backend in ("gpu", "cuda", "rocm") and half else "xla"
+
+
 def _attention_with_dropout(q, k, v, mask, dropout_rate, dropout_rng):
   """softmax(q k^T / sqrt(Dh), masked) with dropout on the probabilities, then @ v."""
   scale = 1.0 / np.sqrt(q.shape[-1])
@@ -115,18 +126,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def take_rows(x: jax.Array, index: jax.Array, groups: int = 1) -> jax.Array:
-  """x [U, ...] → x[index] [B, ...], gathered within each of `groups` contiguous slices (index
-  local to its slice), so that under data parallelism no rows cross devices."""
-  if x.shape[0] % groups or index.shape[0] % groups:
-    raise ValueError(f"take_rows: {x.shape[0]} rows and {index.shape[0]} indices must both split "
-                     f"into {groups} groups")
-  xg = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
-  ig = index.reshape(groups, index.shape[0] // groups)
-  out = jax.vmap(lambda a, i: jnp.take(a, i, axis=0))(xg, ig)
-  return out.reshape((-1,) + x.shape[1:])
-
-
 class MultiHeadAttention(nn.Module):
   """Projections to heads + `dot_product_attention` (+ optional output projection).
 
@@ -169,28 +168,22 @@ class MultiHeadAttention(nn.Module):
 
   def attend(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
              key_mask: jax.Array | None = None, key_lengths: jax.Array | None = None,
-             deterministic: bool = True, kv_index: jax.Array | None = None,
-             kv_groups: int = 1) -> jax.Array:
-    """inputs_q [B, Tq, D], inputs_kv [B, Tk, Dkv] (None = self-attention) -> [B, Tq, D].
-
-    kv_index: optional int [B]: inputs_kv is then [U, Tk, Dkv] (U distinct contexts) and query row
-    b attends to context kv_index[b]. Keys and values are projected once per distinct context and
-    then gathered (`take_rows`), instead of projecting B copies. With kv_groups = G the rows are
-    G contiguous device-local slices and kv_index holds indices local to each slice.
-    """
+             deterministic: bool = True) -> jax.Array:
+    """inputs_q [B, Tq, D], inputs_kv [B, Tk, Dkv] (None = self-attention) -> [B, Tq, D]."""
     heads = self.num_heads
     split = lambda x: x.reshape(x.shape[:2] + (heads, self.features // heads))
     if self.fused_qkv:
       if inputs_kv is not None:
         raise ValueError("fused qkv projection is self-attention only")
+      # One [D, 3D] product; the slices below are copied anyway (the fused-attention kernel takes
+      # no strided operands), and that copy absorbs the bias add. Three [D, D] products measured
+      # 0.25 ms/step slower on the H100: each needs its own bias-add pass (docs/PERF.md).
       qkv = self.qkv(inputs_q)
       qkv = qkv.reshape(qkv.shape[:2] + (3, heads, self.features // heads))
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       inputs_kv = inputs_q if inputs_kv is None else inputs_kv
       q, k, v = split(self.query(inputs_q)), split(self.key(inputs_kv)), split(self.value(inputs_kv))
-      if kv_index is not None:
-        k, v = take_rows(k, kv_index, kv_groups), take_rows(v, kv_index, kv_groups)
     use_dropout = self.dropout_rate > 0.0 and not deterministic and self.implementation == "xla"
     out = dot_product_attention(
         q, k, v, key_mask=key_mask, key_lengths=key_lengths, implementation=self.implementation,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
 
 def _normal(config):
@@ -56,15 +57,9 @@ class BertAttention(MultiHeadAttention):
     super().setup()
     self.output = DenseResidualNorm(self.config, dtype=self.dtype)
 
-  def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True,
-               context_index=None, context_groups=1):
-    """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk].
-
-    context_index: optional int [B] into a context of U distinct rows [U, Tk, Dk] (see
-    `MultiHeadAttention.attend`'s kv_index); key_mask is then given per context row [B, Tk].
-    """
-    x = self.attend(hidden, context, key_mask=key_mask, deterministic=deterministic,
-                    kv_index=context_index, kv_groups=context_groups)
+  def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True):
+    """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk]."""
+    x = self.attend(hidden, context, key_mask=key_mask, deterministic=deterministic)
     return self.output(x, hidden, deterministic)
 
 
@@ -76,7 +71,7 @@ class Intermediate(nn.Module):
     self.dense = nn.Dense(self.config.intermediate_size, dtype=self.dtype, kernel_init=_normal(self.config))
 
   def __call__(self, x):
-    return nn.gelu(self.dense(x), approximate=False)
+    return gelu(self.dense(x), self.config.get("gelu", "exact"))
 
 
 class BertLayer(nn.Module):
@@ -98,17 +93,11 @@ class BertLayer(nn.Module):
     self.intermediate = Intermediate(c, dtype=self.dtype)
     self.output = DenseResidualNorm(c, dtype=self.dtype)
 
-  def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True,
-               image_index=None, image_groups=1):
-    """hidden [B, L, D] float32; mask [B, L]; image_tokens [B, Ni, Dv]; image_mask [B, Ni] or None.
-
-    image_index: optional int [B]: image_tokens are U distinct token sets [U, Ni, Dv] and row b
-    attends to set image_index[b] (local to each of image_groups slices); image_mask is per row.
-    """
+  def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True):
+    """hidden [B, L, D] float32; mask [B, L]; image_tokens [B, Ni, Dv]; image_mask [B, Ni] or None."""
     x = self.attention_block(hidden, key_mask=mask, deterministic=deterministic)
     if self.cross_attention:
-      x = self.crossattention(x, image_tokens, key_mask=image_mask, deterministic=deterministic,
-                              context_index=image_index, context_groups=image_groups)
+      x = self.crossattention(x, image_tokens, key_mask=image_mask, deterministic=deterministic)
     return self.output(self.intermediate(x), x, deterministic)
 
 
@@ -146,7 +135,7 @@ class PredictionTransform(nn.Module):
     self.LayerNorm = _layer_norm(self.config)
 
   def __call__(self, x):
-    return self.LayerNorm(nn.gelu(self.dense(x), approximate=False).astype(jnp.float32))
+    return self.LayerNorm(gelu(self.dense(x), self.config.get("gelu", "exact")).astype(jnp.float32))
 
 
 class LMPredictionHead(nn.Module):
@@ -202,7 +191,7 @@ class BertModel(nn.Module):
       raise ValueError(f"bert.fusion_layer={c.fusion_layer} must lie in [0, num_layers="
                        f"{c.num_layers}]")
     self.embeddings = BertEmbeddings(c, dtype=self.dtype)
-    layer = nn.remat(BertLayer, static_argnums=(5, 7)) if self.remat else BertLayer
+    layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
     self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
                         attention=self.attention) for i in range(c.num_layers)]
     self.cls = MLMHead(c, dtype=self.dtype)
@@ -211,16 +200,24 @@ class BertModel(nn.Module):
     """ids int [B, L] → [B, L, D] embeddings (after LayerNorm and dropout)."""
     return self.embeddings(ids, deterministic=not train)
 
+  def _even_length(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cuDNN attention needs even lengths: pad [B, L, D] and its mask [B, L] by one masked row
+    here, once, rather than q, k and v in every layer (docs/PERF.md)."""
+    if self.attention != "cudnn" or x.shape[1] % 2 == 0:
+      return x, mask
+    return (jnp.pad(x, ((0, 0), (0, 1), (0, 0))),
+            jnp.pad(mask, ((0, 0), (0, 1))))
+
   def text(self, ids: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
     """Text encoder: ids, mask [B, L] → [B, L, D] after layer fusion_layer − 1 (t_cls = [:, 0])."""
-    x = self.embed(ids, train=train)
+    length = ids.shape[1]
+    x, mask = self._even_length(self.embed(ids, train=train), mask)
     for layer in self.layer[:self.config.fusion_layer]:
-      x = layer(x, mask, None, None, not train, None, 1)  # all args: remat's static_argnums
-    return x
+      x = layer(x, mask, None, None, not train)  # all args: remat's static_argnums
+    return x[:, :length]
 
   def fuse(self, hidden: jax.Array, mask: jax.Array, image_tokens: jax.Array,
-           image_mask: jax.Array | None = None, *, train: bool = False,
-           image_index: jax.Array | None = None, image_groups: int = 1) -> jax.Array:
+           image_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     """Fusion encoder.
 
     Args:
@@ -230,18 +227,22 @@ class BertModel(nn.Module):
         or NAS's dictionary tokens).
       image_mask: optional [B, Ni], 1 = attend; None attends to all.
       train: enables dropout.
-      image_index: optional int [B]: image_tokens then holds U distinct token sets [U, Ni, Dv]
-        and text row b attends to set image_index[b]; each fusion layer projects keys and values
-        once per set (ITM pair groups share images). Indices are local to each of `image_groups`
-        contiguous slices (one per device). image_mask, if given, is [B, Ni] (per text row).
 
     Returns:
       [B, L, D] float32; [:, 0] feeds the ITM head.
     """
-    x = hidden
+    length = hidden.shape[1]
+    x, mask = self._even_length(hidden, mask)
+    # Keys/values of every fusion layer read the image tokens in the compute dtype: cast once.
+    image_tokens = image_tokens.astype(self.dtype)
+    if self.attention == "cudnn" and image_tokens.shape[1] % 2:
+      rows = x.shape[0]
+      if image_mask is None:
+        image_mask = jnp.ones((rows, image_tokens.shape[1]), jnp.int32)
+      image_tokens, image_mask = self._even_length(image_tokens, image_mask)
     for layer in self.layer[self.config.fusion_layer:]:
-      x = layer(x, mask, image_tokens, image_mask, not train, image_index, image_groups)
-    return x
+      x = layer(x, mask, image_tokens, image_mask, not train)
+    return x[:, :length]
 
   def mlm_logits(self, hidden: jax.Array) -> jax.Array:
     """[B, L, D] → float32 [B, L, V] (decoder weight = word embeddings)."""

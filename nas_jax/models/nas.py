@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from nas_jax.models.attention import resolve_implementation
 from nas_jax.models.bert import BertModel
 from nas_jax.models.dictionary import VisualDictionary
 from nas_jax.models.vit import VisionTransformer
@@ -50,9 +51,10 @@ class NASModel(nn.Module):
   def setup(self):
     c = self.config
     dtype = compute_dtype(c.dtype)
-    self.vit = VisionTransformer(config=c.vit, dtype=dtype, attention=c.vit_attention or c.attention,
-                                 remat=c.remat)
-    self.bert = BertModel(config=c.bert, dtype=dtype, attention=c.attention, remat=c.remat)
+    self.vit = VisionTransformer(config=c.vit, dtype=dtype, remat=c.remat,
+                                 attention=resolve_implementation(c.vit_attention or c.attention, dtype))
+    self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat,
+                          attention=resolve_implementation(c.attention, dtype))
     self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.itm_head = nn.Dense(2, dtype=jnp.float32)
@@ -101,11 +103,9 @@ class NASModel(nn.Module):
 
   # ------------------------------------------------------------------ fusion and heads
   def fuse(self, text_embeds: jax.Array, text_mask: jax.Array, image_tokens: jax.Array, *,
-           train: bool = False, image_index: jax.Array | None = None,
-           image_groups: int = 1) -> jax.Array:
-    """Fusion encoder; with image_index [B], image_tokens are U distinct sets (`BertModel.fuse`)."""
-    return self.bert.fuse(text_embeds, text_mask, image_tokens, train=train,
-                          image_index=image_index, image_groups=image_groups)
+           train: bool = False) -> jax.Array:
+    """Fusion encoder (`BertModel.fuse`): [B, L, D] text, [B, L] mask, [B, Ni, Dv] → [B, L, D]."""
+    return self.bert.fuse(text_embeds, text_mask, image_tokens, train=train)
 
   def itm_logits(self, fused: jax.Array) -> jax.Array:
     return self.itm_head(fused[:, 0].astype(jnp.float32))

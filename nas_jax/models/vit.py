@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
 
 def _trunc_normal(std: float = 0.02):
@@ -51,13 +52,14 @@ class Mlp(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
   init_std: float = 0.02
+  gelu: str = "exact"
 
   def setup(self):
     self.fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_trunc_normal(self.init_std))
     self.fc2 = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_trunc_normal(self.init_std))
 
   def __call__(self, x):
-    return self.fc2(nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(gelu(self.fc1(x), self.gelu))
 
 
 class Block(nn.Module):
@@ -77,7 +79,8 @@ class Block(nn.Module):
                                    implementation=self.attention, fused_qkv=True, out_proj=True,
                                    kernel_init=_trunc_normal(c.get("init_std", 0.02)))
     self.norm2 = norm()
-    self.mlp = Mlp(c.hidden_size, c.mlp_dim, dtype=self.dtype, init_std=c.get("init_std", 0.02))
+    self.mlp = Mlp(c.hidden_size, c.mlp_dim, dtype=self.dtype, init_std=c.get("init_std", 0.02),
+                   gelu=c.get("gelu", "exact"))
 
   def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
     x = x + self.attn(self.norm1(x), key_lengths=key_lengths)
