@@ -4,6 +4,8 @@ Order inside a step (DESIGN.md): momentum EMA update → momentum forward (ITC t
 labels) → online forward: ITC, visual dictionary, in-batch hard negatives, NVA negatives, FGITM,
 MLM → backward → AdamW → VD codebook update (eq. 2, global-batch statistics) → enqueue the global
 batch's momentum features. No host round-trip; the state is donated by the caller's `jax.jit`.
+The fusion encoder runs once for FGITM and MLM together: each sample's k ITM pairs and its MLM row
+(masked text × continuous image tokens) are k + 1 adjacent rows of one batch (docs/PERF.md).
 
 Departures from ALBEF's per-GPU PyTorch code, chosen so results do not depend on the device count:
 - ITC's in-batch part is the *global* batch (ALBEF: each GPU's local batch + the queue). The queue

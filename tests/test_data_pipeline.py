@@ -284,3 +284,16 @@ def test_device_prefetch_runs_ahead_but_checkpoints_the_consumed_position(tok, t
   assert all(_equal(x, y) for x, y in zip(expected, _take(fresh, 2)))
   finite = pipeline.DevicePrefetch(pipeline.make_train_iterator(c, tok, num_epochs=1), dict)
   assert len(list(finite)) == 4              # 16 records / batch 4, then StopIteration.
+
+
+def test_processes_batches_stack_into_the_one_process_batch(tok):
+  """Process p's local batch j is rows [p·b, (p+1)·b) of the one-process global batch j: runs on
+  1 and on 2 hosts see the same global batches in the same row order."""
+  c = _config()
+  whole = _take(pipeline.make_train_iterator(c, tok), 3)
+  parts = [_take(pipeline.make_train_iterator(c, tok, process_index=p, process_count=2), 3)
+           for p in range(2)]
+  for j in range(3):
+    for k in whole[j]:
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][j][k], parts[1][j][k]]), whole[j][k], err_msg=f"batch {j} {k}")

@@ -1,6 +1,7 @@
 """The grain training pipeline: raw records → augmented, tokenised, host-local batches.
 
-    range(N) → shuffle (reseeded each epoch) → repeat → (epoch, record) → [process_index::count]
+    range(N) → shuffle (reseeded each epoch) → repeat → (epoch, record) → this process's rows of
+      each global batch
       → SampleMaker (load, replace bad samples, augment, tokenise) → batch(drop_remainder)
       → to_iter_dataset(threads, prefetch) → mp_prefetch(workers) → strip counters
 
@@ -205,6 +206,19 @@ class _EpochAndIndex:
     return position // self.n, record
 
 
+class _ProcessRows:
+  """Local position k → the global stream's record for it: local batch j of process p is rows
+  [p·b, (p+1)·b) of global batch j, so the processes' batches stacked in process order are exactly
+  the one-process batch (runs agree whatever the number of hosts). Picklable."""
+
+  def __init__(self, parent, process_index: int, process_count: int, local_batch: int):
+    self.parent, self.p, self.count, self.b = parent, process_index, process_count, local_batch
+
+  def __call__(self, k: int):
+    j, r = divmod(k, self.b)
+    return self.parent[(j * self.count + self.p) * self.b + r]
+
+
 # Samples (all processes' workers are separate; this counts what this process received).
 _STATS = dict(samples=0, replaced=0)
 
@@ -264,10 +278,11 @@ def make_dataset(config, tokenizer, *, source=None, process_index: int = 0,
                       min_records=d.error_rate_min_records)
   ds = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat(num_epochs)
   ds = ds.map_with_index(_EpochAndIndex(n))
-  if num_epochs is not None:   # Equal length on every process (no host waits on another).
-    per_process = len(ds) // process_count
-    ds = ds[:per_process * process_count]
-  ds = ds[process_index::process_count]
+  if num_epochs is not None:   # Whole global batches only: equal length on every process.
+    ds = ds[:len(ds) // (b * process_count) * (b * process_count)]
+  if process_count > 1:
+    ds = grain.MapDataset.range(len(ds) // process_count).map(
+        _ProcessRows(ds, process_index, process_count, b))
   ds = ds.map(maker).batch(b, drop_remainder=True)
   return ds, maker
 
