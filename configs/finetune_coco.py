@@ -16,23 +16,11 @@ from nas_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  c = config_lib.base_config()
-  c.stage = 3
-  c.model.dtype = "bfloat16"
-  c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
-  c.model.vit.image_size = 384
-  c.data.image_size = 384
+  if arg not in (None, "", "albef"):
+    raise ValueError(f"configs/finetune_coco.py:{arg}: use no suffix (NAS) or ':albef'")
+  c = config_lib.finetune_base()
   c.nva.enabled = arg != "albef"
   c.itc.use_id_queue = True
   c.itc.alpha_warmup_steps = -1
-  c.num_epochs = 5
-  c.optim.lr = 1e-5
-  c.optim.min_lr = 1e-6
-  c.optim.warmup_steps = 0
   c.data.source = "albef_json"
-  c.data.vocab = ""
-  c.data.batch_size = 256
-  c.data.max_text_len = 30
-  c.data.num_workers = 8
-  c.checkpoint.every = 2000
   return c

@@ -14,22 +14,8 @@ from nas_jax import config_lib
 def get_config(arg: str | None = None):
   if arg not in (None, "", "nta", "ntva"):
     raise ValueError(f"configs/finetune_nta.py:{arg}: use ':nta' (default) or ':ntva'")
-  c = config_lib.base_config()
-  c.stage = 3
-  c.model.dtype = "bfloat16"
-  c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
-  c.model.vit.image_size = 384
-  c.data.image_size = 384
+  c = config_lib.finetune_base()
   c.itm.text_negatives = True
   c.nva.enabled = arg == "ntva"
-  c.num_epochs = 5
-  c.optim.lr = 1e-5
-  c.optim.min_lr = 1e-6
-  c.optim.warmup_steps = 0
   c.data.source = "negclip_tsv"
-  c.data.vocab = ""
-  c.data.batch_size = 256
-  c.data.max_text_len = 30
-  c.data.num_workers = 8
-  c.checkpoint.every = 2000
   return c

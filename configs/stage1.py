@@ -18,6 +18,8 @@ from nas_jax import config_lib
 
 
 def get_config(arg: str | None = None):
+  if arg not in (None, "", "albef"):
+    raise ValueError(f"configs/stage1.py:{arg}: use no suffix (NAS) or ':albef'")
   c = config_lib.base_config()
   c.stage = 1
   c.model.use_dictionary = arg != "albef"

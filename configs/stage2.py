@@ -12,7 +12,8 @@ from nas_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg not in (None, ""):
+    raise ValueError(f"configs/stage2.py:{arg}: this config takes no suffix")
   c = config_lib.base_config()
   c.stage = 2
   c.model.dtype = "bfloat16"

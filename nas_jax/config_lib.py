@@ -196,3 +196,24 @@ def base_config() -> ml_collections.ConfigDict:
       score='itm',             # 'itm' (logit difference) or 'itc' (cosine).
   ))
   return c
+
+
+def finetune_base() -> ml_collections.ConfigDict:
+  """ALBEF's 384-px fine-tuning recipe shared by configs/finetune_*.py: bfloat16, 5 epochs,
+  lr 1e-5 → 1e-6 cosine without warm-up, batch 256, captions up to 30 tokens."""
+  c = base_config()
+  c.stage = 3
+  c.model.dtype = "bfloat16"
+  c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
+  c.model.vit.image_size = 384
+  c.data.image_size = 384
+  c.num_epochs = 5
+  c.optim.lr = 1e-5
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_steps = 0
+  c.data.vocab = ""
+  c.data.batch_size = 256
+  c.data.max_text_len = 30
+  c.data.num_workers = 8
+  c.checkpoint.every = 2000
+  return c
