@@ -175,3 +175,15 @@ def test_scorer_throughput_on_tiny_config():
   assert row["pairs_per_s"] == pytest.approx(20 / row["warm_s"])
   assert row["first_s"] > 0 and row["warm_s"] > 0
 
+
+
+def test_bench_suite_rejects_a_malformed_variant():
+  """scripts/bench_suite.sh: a variant that is not 'NAME|ENV|ARGS' stops before any compilation,
+  naming it; no arguments print the usage."""
+  script = str(ROOT / "scripts" / "bench_suite.sh")
+  bad = subprocess.run(["bash", script, "/tmp/unused_suite", "no pipes here"],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2
+  assert "variant 'no pipes here' must read 'NAME|ENV|BENCH ARGS'" in bad.stderr
+  usage = subprocess.run(["bash", script], capture_output=True, text=True)
+  assert usage.returncode == 2 and "scripts/bench_suite.sh OUT_DIR" in usage.stdout
