@@ -5,8 +5,9 @@ Layout of a workdir:
                                                          renamed: a crash never leaves a half step)
   <workdir>/config.json                                 the config of the run
 
-`load_params(dir)` reads a checkpoint's parameters for evaluation or `init_from`; a directory made by
-`python -m nas_jax.convert` (PyTorch → Flax) is read as well.
+Readers for other runs (module-level): `find_checkpoint`, `saved_config`, `state_metadata`,
+`restore_parts` (some parts of a state, any mesh), `restore_state` (all of it), and `load_params`
+(parameters for evaluation, also from a folder made by `python -m nas_jax.convert`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-# Keys that must agree between a checkpoint and the config that restores it (shapes depend on them).
+# Keys that must agree between a checkpoint and the config that restores it (shapes depend on them),
+# except the switches below them that change numerics or training only.
 SHAPE_KEYS = ("model", "itc.queue_size")
+NOT_SHAPE_KEYS = ("model.dtype", "model.attention", "model.vit_attention", "model.remat",
+                  "model.temp", "model.vit.gelu", "model.bert.gelu", "model.vit.init_std",
+                  "model.bert.initializer_range", "model.bert.hidden_dropout",
+                  "model.bert.attention_dropout", "model.dictionary.momentum",
+                  "model.dictionary.frozen", "model.dictionary.reuse_gate",
+                  "model.dictionary.init", "model.dictionary.init_std")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -43,20 +51,16 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  """Raises a one-line error naming the keys whose values change parameter shapes."""
+  """Raises a one-line error naming the keys whose values change parameter shapes (keys the
+  checkpoint does not have, from an older version, are not compared)."""
   now = _flat(config_to_dict(config))
   old = _flat(saved)
   diffs = []
-  for key in sorted(set(now) | set(old)):
-    if not any(key == s or key.startswith(s + ".") for s in SHAPE_KEYS):
+  for key in sorted(set(now) & set(old)):
+    if not any(key == s or key.startswith(s + ".") for s in SHAPE_KEYS) or key in NOT_SHAPE_KEYS:
       continue
-    if key.startswith("model.dtype") or key.startswith("model.attention") or \
-        key.startswith("model.vit_attention") or key.startswith("model.remat"):
-      continue  # Numerics switches do not change shapes.
-    if key in ("model.bert.hidden_dropout", "model.bert.attention_dropout"):
-      continue
-    if now.get(key) != old.get(key):
-      diffs.append(f"{key}: checkpoint {old.get(key)!r} vs config {now.get(key)!r}")
+    if now[key] != old[key]:
+      diffs.append(f"{key}: checkpoint {old[key]!r} vs config {now[key]!r}")
   if diffs:
     raise IncompatibleCheckpointError(
         f"checkpoint {where} was written with an incompatible config ({'; '.join(diffs)}): "
@@ -111,72 +115,132 @@ class Checkpointer:
     self.manager.close()
 
 
-def _find_checkpoint_root(path: str) -> tuple[str, int | None]:
-  """Accepts a workdir, its checkpoints/ folder, or one step folder."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
-  base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(base)
-  return path, None
+def find_checkpoint(path: str) -> tuple[str, int]:
+  """(checkpoints root, step) of a training workdir, its checkpoints/ folder or one
+  checkpoints/<step> folder (the newest step unless the path names one).
+
+  Raises FileNotFoundError naming the path when it holds no checkpoint.
+  """
+  full = os.path.abspath(path)
+  if not os.path.exists(full):
+    raise FileNotFoundError(f"{path}: no such file or directory (pass a training workdir, its "
+                            "checkpoints/<step> folder, or a folder written by python -m nas_jax.convert)")
+  root, step = full, None
+  if os.path.isdir(os.path.join(full, "checkpoints")):
+    root = os.path.join(full, "checkpoints")
+  elif os.path.basename(full.rstrip("/")).isdigit() and os.path.isdir(os.path.join(full, "state")):
+    root, step = os.path.dirname(full), int(os.path.basename(full.rstrip("/")))
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if step is None and steps:
+    step = steps[-1]
+  if step is None or step not in steps:
+    raise FileNotFoundError(f"{path}: no checkpoint found (looked for step folders in {root}); pass "
+                            "a training workdir or a folder written by python -m nas_jax.convert")
+  return root, step
+
+
+def _reader(root: str, state_handler=None) -> ocp.CheckpointManager:
+  """A manager over `root` for reading that knows the item types (so metadata reads need no
+  probing). `state_handler`: the handler of the 'state' item (default: the standard one)."""
+  return ocp.CheckpointManager(
+      root, item_handlers={"state": state_handler or ocp.StandardCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(create=False))
+
+
+def saved_config(path: str) -> dict:
+  """The config saved with the checkpoint at `path` (see `find_checkpoint`), as a dict."""
+  root, step = find_checkpoint(path)
+  with _reader(root) as manager:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def state_metadata(path: str) -> dict:
+  """Shapes and dtypes of the saved train state, a dict tree of orbax ArrayMetadata
+  ({'params', 'params_m', 'batch_stats', 'opt_state', 'queues', 'step', 'rng'})."""
+  root, step = find_checkpoint(path)
+  with _reader(root) as manager:
+    return dict(manager.item_metadata(step)["state"])
+
+
+def restore_parts(path: str, target: dict) -> dict:
+  """Restores only some top-level parts of a saved train state.
+
+  target: {part: tree of jax.ShapeDtypeStruct (with shardings)} for parts among 'params',
+  'params_m', 'batch_stats', 'queues', 'step', shaped as saved (see `state_metadata`).
+  Returns {part: tree of jax.Array}, whatever mesh or number of processes wrote the checkpoint.
+  """
+  root, step = find_checkpoint(path)
+  restore_args = jax.tree.map(
+      lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
+      target)
+  with _reader(root, ocp.PyTreeCheckpointHandler()) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))["state"]
+  return dict(restored)
+
+
+def restore_state(path: str, abstract_state: Any, config: ml_collections.ConfigDict) -> Any:
+  """The whole train state of another run, into `abstract_state` (same shapes: the config's
+  shape keys must agree, checked first). For continuing its schedule (stage 2 after stage 1)."""
+  root, step = find_checkpoint(path)
+  check_compatible(saved_config(path), config, f"{root}/{step}")
+  with _reader(root) as manager:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
 
 
 def is_converted(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "meta.json")) and any(
+  """Whether `path` is a folder written by `python -m nas_jax.convert`."""
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")) and any(
       f.endswith(".safetensors") for f in os.listdir(path))
 
 
-def restore_state_from(path: str, abstract_state: Any, config: ml_collections.ConfigDict) -> tuple[Any, dict]:
-  """Reads the train state of another run (e.g. stage 1 for stage 2). Returns (state, saved config)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"init_from path {path!r} does not exist: pass a training workdir, its "
-                            "checkpoints/<step> folder, or a directory made by `python -m nas_jax.convert`")
-  root, step = _find_checkpoint_root(path)
-  manager = ocp.CheckpointManager(root)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found under {path!r} (looked in {root})")
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  check_compatible(saved, config, f"{root}/{step}")
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))["state"]
-  manager.close()
-  return state, saved
+def _converted_config(path: str) -> ml_collections.ConfigDict:
+  """The full config of a converted checkpoint: the defaults with the model section it was
+  converted for (meta.json). A conversion of one encoder (DeiT, BERT) is not a whole model."""
+  from nas_jax import config_lib, convert
+  meta = convert.read_meta(path)
+  if "model_config" not in meta or meta.get("source") in ("deit", "bert"):
+    raise FileNotFoundError(
+        f"{path} holds a conversion of one encoder ({meta.get('source', '?')}), not a whole model: "
+        "use it as --config.init_from of a training run, or evaluate an ALBEF / NAS_ALBEF conversion")
+  config = config_lib.base_config()
+  known = _flat(config.model.to_dict())
+  config.model.update_from_flattened_dict(
+      {k: v for k, v in _flat(meta["model_config"]).items() if k in known})
+  config.data.image_size = config.model.vit.image_size
+  config.data.vocab = ""  # ALBEF / NAS checkpoints use bert-base-uncased's vocabulary: eval --vocab.
+  return config
 
 
 def load_params(path: str, config: ml_collections.ConfigDict | None = None):
-  """Parameters (and VD codebook) of a checkpoint, for evaluation.
+  """Parameters and VD codebook of a checkpoint, for evaluation.
 
-  Returns (config, params, batch_stats). `config` defaults to the one saved with the checkpoint.
-  Restores on this process's first device, whatever mesh or number of processes wrote it.
+  `path`: a training workdir, its checkpoints/<step> folder, or a `python -m nas_jax.convert`
+  folder of a whole model (ALBEF, NAS_ALBEF). Returns (config, params, batch_stats); `config`
+  defaults to the one saved with the checkpoint (for a converted folder: the defaults with the
+  model section of its meta.json). Restores on this process's first device, whatever mesh or
+  number of processes wrote it.
   """
-  from nas_jax import config_lib  # noqa: F401  (keeps the import graph simple for callers)
-  from nas_jax.train_step import TrainState
-
-  root, step = _find_checkpoint_root(path)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"checkpoint {path!r} not found: pass a training workdir or a "
-                            "checkpoints/<step> folder")
-  manager = ocp.CheckpointManager(root)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found under {path!r}")
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if is_converted(path):
+    from nas_jax import convert
+    saved = _converted_config(path)
+    if config is not None:
+      model_only = dict(saved.to_dict(), itc=dict(queue_size=config.itc.queue_size))
+      check_compatible(model_only, config, path)
+    tree = convert.load_converted(path)
+    put = lambda t: jax.tree.map(lambda x: jax.device_put(x, device), t)
+    return config or saved, put(tree["params"]), put(tree.get("batch_stats", {}))
+  saved = saved_config(path)
   if config is None:
     config = ml_collections.ConfigDict(saved)
   else:
-    check_compatible(saved, config, f"{root}/{step}")
-  # Restore onto this process's first device whatever mesh / process count wrote it (a bare
-  # PyTreeRestore fails on a multi-host checkpoint: its saved shardings name other devices).
-  meta = ocp.StandardCheckpointer().metadata(os.path.join(root, str(step), "state")).item_metadata
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
-  state = restored["state"]
-  if isinstance(state, TrainState):
-    params, batch_stats = state.params, state.batch_stats
-  else:
-    params, batch_stats = state["params"], state.get("batch_stats", {})
-  return config, jax.tree.map(jax.numpy.asarray, params), jax.tree.map(jax.numpy.asarray, batch_stats or {})
+    check_compatible(saved, config, path)
+  meta = state_metadata(path)
+  target = {part: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                               meta[part])
+            for part in ("params", "batch_stats") if meta.get(part)}
+  restored = restore_parts(path, target)
+  return config, restored["params"], restored.get("batch_stats", {}) or {}

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from nas_jax import checkpoint as ckpt_lib
-from nas_jax import optim, sharding
+from nas_jax import optim, run_plan, sharding, warm_start
 from nas_jax.config_lib import load_config_file  # noqa: F401  (public: used by the notebook)
 from nas_jax.metrics_writer import MetricWriter
 from nas_jax.models.nas import NASModel
@@ -67,39 +67,6 @@ class RunResult:
   eval_metrics: dict
 
 
-def steps_plan(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
-  """(total optimiser steps, α warm-up steps = one epoch)."""
-  steps_per_epoch = max(num_train // config.data.batch_size, 1)
-  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
-  warm = config.itc.alpha_warmup_steps
-  return int(total), int(warm if warm >= 0 else steps_per_epoch)
-
-
-def _merge_converted(params: dict, tree: dict, what: str) -> dict:
-  """Overwrites `params` leaves with those of a converted PyTorch tree (shapes must agree)."""
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  out_flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  used, leaves = set(), []
-  for path, leaf in out_flat:
-    key = "/".join(str(getattr(k, "key", k)) for k in path)
-    if key in flat:
-      src = np.asarray(flat[key])
-      if src.shape != leaf.shape:
-        raise ValueError(f"init_from {what}: {key} has shape {src.shape}, the model expects "
-                         f"{tuple(leaf.shape)} (config and converted checkpoint disagree)")
-      leaves.append(jnp.asarray(src, leaf.dtype))
-      used.add(key)
-    else:
-      leaves.append(leaf)
-  unused = sorted(set(flat) - used)
-  if unused:
-    log.warning("init_from %s: %d converted tensors have no place in this model, e.g. %s",
-                what, len(unused), unused[:5])
-  log.info("init_from %s: %d/%d tensors loaded", what, len(used), len(out_flat))
-  return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def hard_negative_groups(config: ml_collections.ConfigDict, mesh) -> int:
   """How many slices the batch is cut into for in-batch ITM negatives: one per device (ALBEF), or
   `itm.hard_negative_groups` (fixed, so results do not depend on the device count)."""
@@ -119,30 +86,6 @@ def agree_on_stop(requested: str | None) -> str | None:
   from jax.experimental import multihost_utils
   votes = multihost_utils.process_allgather(np.int32(requested is not None))
   return requested or ("a stop request on another process" if np.any(votes) else None)
-
-
-def load_init(path: str, state: TrainState, abstract_state: TrainState,
-              config: ml_collections.ConfigDict) -> TrainState:
-  """`config.init_from`: parameters, momentum parameters, VD codebook and queues from another stage's
-  checkpoint (optimiser state and step start fresh), or a `nas_jax.convert` output directory."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--config.init_from={path!r} does not exist: pass a training workdir "
-                            "(e.g. the stage-1 run) or a directory written by `python -m nas_jax.convert`")
-  if ckpt_lib.is_converted(path):
-    from nas_jax import convert
-    tree = convert.load_converted(path)
-    params = _merge_converted(state.params, tree.get("params", tree), path)
-    params_m = (_merge_converted(state.params_m, tree["params_m"], path + " (momentum)")
-                if "params_m" in tree else jax.tree.map(jnp.copy, {k: params[k] for k in state.params_m}))
-    queues = dict(state.queues)
-    for name, key in (("image", "image_queue"), ("text", "text_queue"), ("idx", "idx_queue")):
-      q = tree.get("queues", {}).get(key)
-      if q is not None and tuple(np.shape(q)) == tuple(queues[name].shape):
-        queues[name] = jnp.asarray(q, queues[name].dtype)
-    return state.replace(params=params, params_m=params_m, queues=queues)
-  other, _ = ckpt_lib.restore_state_from(path, abstract_state, config)
-  return state.replace(params=other.params, params_m=other.params_m,
-                       batch_stats=other.batch_stats, queues=other.queues)
 
 
 # ============================================================================ one run
@@ -176,13 +119,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
                      f"config.model.vit.image_size={c.model.vit.image_size}")
   source = pipeline.make_source(c, "train")
   num_train = c.data.num_train_samples if c.data.num_train_samples > 0 else len(source)
-  total_steps, alpha_warmup = steps_plan(c, num_train)
   data_iter = pipeline.make_train_iterator(c, tokenizer, process_index=jax.process_index(),
                                            process_count=jax.process_count(), source=source)
 
+  # ---------------------------------------------------------------- plan: steps and schedule
+  plan = run_plan.read_plan(workdir)  # A resumed run keeps the plan it started with.
+  if plan is None:
+    continued = (warm_start.continued_plan(c.init_from)
+                 if c.init_from and c.continue_schedule else (None, 0, ""))
+    plan = run_plan.make_plan(c, num_train, *continued)
+    if is_main:
+      run_plan.write_plan(workdir, plan)
+  log.info("plan: steps %d → %d of a schedule of %d (lr %.3g → %.3g, warm-up %d)%s",
+           plan.first_step, plan.last_step, plan.schedule_steps, plan.lr, plan.min_lr,
+           plan.warmup_steps, f", continuing {plan.continues}" if plan.continues else "")
+
   # ---------------------------------------------------------------- model and optimiser
   model = NASModel(config=c.model)
-  tx, schedule = optim.make_optimizer(c.optim, total_steps)
+  tx, schedule = optim.make_optimizer(c.optim, optim.plan_schedule(plan))
 
   # ---------------------------------------------------------------- sharded init / resume
   rng = jax.random.PRNGKey(c.seed)
@@ -199,22 +153,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     else:
       state = jax.jit(lambda r: init_state(c, model, tx, r), out_shardings=state_sh)(rng)
       if c.init_from:
-        state = load_init(c.init_from, state, abstract, c)
+        state, notes = warm_start.warm_start(c, state, abstract)
         state = jax.device_put(state, state_sh)
-      start = 0
+        for note in notes:
+          log.info("init_from %s", note)
+      start = int(jax.device_get(state.step))
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info("model: %.1fM parameters; %d steps of %d samples (%d per epoch); stage %d%s",
-           n_params / 1e6, total_steps, c.data.batch_size, num_train, c.stage,
+           n_params / 1e6, plan.num_steps, c.data.batch_size, num_train, c.stage,
            " (NVA)" if c.nva.enabled else "")
 
   # ---------------------------------------------------------------- the step
   token_ids = TokenIds(pad=tokenizer.pad_id, cls=tokenizer.cls_id, mask=tokenizer.mask_id)
   step_fn = make_train_step(c, model, tx, schedule, token_ids=token_ids,
                             num_groups=hard_negative_groups(c, mesh),
-                            alpha_warmup_steps=alpha_warmup)
+                            alpha_warmup_steps=plan.alpha_warmup_steps)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                        donate_argnums=0)
@@ -253,18 +209,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   bar = None
   if is_main:
     from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=start, desc=f"stage {c.stage}", unit="step",
+    bar = tqdm(total=plan.num_steps, initial=start - plan.first_step, desc=f"stage {c.stage}", unit="step",
                dynamic_ncols=True, mininterval=1.0)
   with PreemptionGuard() as guard, jax.set_mesh(mesh):
-    for step in range(start, total_steps):
+    for step in range(start, plan.last_step):
       batch = sharding.host_to_global(next(data_iter), mesh)
       state, metrics = train_step(state, batch)
       if pending is not None:
         drain(pending)
       pending = (step, metrics)
-      if c.checkpoint.every > 0 and (step + 1) % c.checkpoint.every == 0 and step + 1 < total_steps:
+      if c.checkpoint.every > 0 and (step + 1) % c.checkpoint.every == 0 and step + 1 < plan.last_step:
         checkpointer.save(step + 1, state, c, data_iter)
-      if c.eval_every > 0 and (step + 1) % c.eval_every == 0 and step + 1 < total_steps:
+      if c.eval_every > 0 and (step + 1) % c.eval_every == 0 and step + 1 < plan.last_step:
         run_evals(c, model, state, mesh, tokenizer, writer, step + 1, workdir, final=False)
       if interrupt_after is not None and step + 1 - start >= interrupt_after:
         guard.requested = guard.requested or "interrupt_after"
@@ -319,17 +275,21 @@ def run_evals(config, model, state, mesh, tokenizer, writer, step, workdir, *, f
 
 # ============================================================================ CLI
 def stage2_config(config: ml_collections.ConfigDict, stage1_dir: str) -> ml_collections.ConfigDict:
-  """The stage-2 continuation of a run with `config.stage2_steps > 0` (NVA on, from stage 1)."""
+  """The stage-2 continuation of a run with `config.stage2_steps > 0`: NVA on, from stage 1, on
+  stage 1's schedule (`continue_schedule`). `config.stage2_lr > 0` instead restarts AdamW with a
+  short warm-up to that peak (a departure from the paper's one schedule, for short demos)."""
   c2 = ml_collections.ConfigDict(config.to_dict())
   c2.stage = 2
   c2.nva.enabled = True
   c2.init_from = stage1_dir
   c2.total_steps = config.stage2_steps
   c2.stage2_steps = 0
-  c2.optim.warmup_steps = min(config.optim.warmup_steps, max(config.stage2_steps // 10, 1))
+  c2.continue_schedule = config.stage2_lr <= 0
   if config.stage2_lr > 0:
     c2.optim.lr = config.stage2_lr
     c2.optim.min_lr = min(config.optim.min_lr, config.stage2_lr)
+    c2.optim.warmup_steps = min(config.optim.warmup_steps, max(config.stage2_steps // 10, 1))
+    c2.itc.alpha_warmup_steps = 0
   c2.lock()
   return c2
 

@@ -93,16 +93,19 @@ def test_incompatible_checkpoint(uninterrupted):
 
 
 def test_init_from_another_stage(uninterrupted, tmp_path):
-  """Stage 2 starts from stage 1's parameters, codebook and queues, with a fresh optimiser."""
+  """Stage 2 continues stage 1: its step counter (6 → 7), parameters, codebook and queues."""
   from nas_jax import train
   c, full = uninterrupted
+  assert not train.stage2_config(c, str(full)).continue_schedule   # demo: stage2_lr restarts
+  c = c.copy_and_resolve_references()
+  c.stage2_lr = 0.0
   c2 = train.stage2_config(c, str(full))
-  assert c2.nva.enabled and c2.init_from == str(full)
+  assert c2.nva.enabled and c2.init_from == str(full) and c2.continue_schedule
   c2.unlock()
   c2.total_steps = 1
   c2.lock()
   r = train.train(c2, str(tmp_path), devices=jax.devices()[:1])
-  assert r.final_step == 1
+  assert r.final_step == 7
   assert "nva_replaced_frac" in json.loads(open(tmp_path / "metrics.jsonl").readline())
 
 
