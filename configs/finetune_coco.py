@@ -1,8 +1,9 @@
 r"""Fine-tuning on COCO (Karpathy train) at 384 px — NAS(NVA) "coco" (Tables 2, 3, 9, 10).
 
-ALBEF's retrieval fine-tuning recipe (lr 1e-5 → 1e-6 cosine, 5 epochs, batch 256, the id queue that
-makes every caption of an image a positive) with the visual dictionary and NVA negatives in FGITM.
-The position embedding is interpolated 256 → 384 when loading a 256-px checkpoint (bicubic, ALBEF).
+ALBEF's retrieval fine-tuning recipe (`config_lib.finetune_base`: ITC + ITM, lr 1e-5 → 1e-6 cosine,
+5 epochs, batch 256, crops of area 0.5-1, the id queue that makes every caption of an image a
+positive) with the visual dictionary and NVA negatives in FGITM. The position embedding is
+interpolated 256 → 384 when starting from a 256-px run or conversion (bicubic, as ALBEF).
 
   python -m nas_jax.train --config configs/finetune_coco.py --workdir runs/ft_coco \
       --config.init_from=runs/stage2 --config.data.paths="('/data/coco_train.json',)" \
@@ -20,7 +21,6 @@ def get_config(arg: str | None = None):
     raise ValueError(f"configs/finetune_coco.py:{arg}: use no suffix (NAS) or ':albef'")
   c = config_lib.finetune_base()
   c.nva.enabled = arg != "albef"
-  c.itc.use_id_queue = True
-  c.itc.alpha_warmup_steps = -1
+  c.model.use_dictionary = arg != "albef"
   c.data.source = "albef_json"
   return c

@@ -1,7 +1,9 @@
 r"""Fine-tuning on text-augmented COCO (NegCLIP's hard-negative captions) — NAS(NTA) / NAS(NTVA).
 
-Each sample carries a text hard negative T_fg (a random element of the row's `neg_caption`), and
-FGITM gets the extra negative pair (I, T_fg). `:ntva` also turns NVA on (the paper's best model).
+The recipe of configs/finetune_coco.py (ITC + ITM at 384 px, the id queue: NegCLIP's rows are COCO
+captions, five per image) where each sample also carries a text hard negative T_fg (a random element
+of the row's `neg_caption`) and FGITM gets the extra negative pair (I, T_fg). `:ntva` also turns NVA
+on (the paper's best model).
 
   python -m nas_jax.train --config configs/finetune_nta.py:ntva --workdir runs/ft_ntva \
       --config.init_from=runs/stage2 --config.data.paths="('/data/train_neg_clip.tsv',)" \

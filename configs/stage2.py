@@ -4,6 +4,10 @@ r"""NAS stage 2: one epoch with negative visual augmentation (VD + NVA), from a 
       --config.init_from=runs/stage1 --config.data.paths="('/data/coco.json', ...)" \
       --config.data.vocab=/models/bert-base-uncased
 
+Stage 2 continues stage 1's run: its step counter, AdamW state and learning-rate schedule
+(`continue_schedule`, so it trains where stage 1's cosine ended, ≈ 1e-5, as the paper's one
+29 + 1-epoch schedule), with its codebook and queues.
+
 NVA: top 30% patches by S = 0.5·cos(t_cls, v_i) + 0.5·cos(v_cls, v_i); each of their codes replaced
 by one of its 3 nearest codes; (I_fg, T) joins FGITM as a negative.
 """
@@ -25,6 +29,6 @@ def get_config(arg: str | None = None):
   c.data.vocab = ""
   c.data.batch_size = 512
   c.data.num_workers = 8
-  c.itc.alpha_warmup_steps = 0   # α is already at 0.4 after stage 1's first epoch.
+  c.continue_schedule = True
   c.checkpoint.every = 2000
   return c

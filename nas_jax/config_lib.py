@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
       init='normal',      # 'normal' (paper) or 'data' (first batch's features).
       init_std=1.0,
       reuse_gate=True,    # NVA negative mixes with the positive's gate weights (authors' code).
+      frozen=False,       # True: no eq. 2 update, the codebook keeps its loaded values (the
+                          # authors' code after stage 1; the paper updates it throughout).
   ))
   c.model.dtype = 'float32'          # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   c.model.attention = 'xla'          # 'xla' | 'cudnn' | 'auto' (cudnn on GPU with bf16, else xla).
@@ -124,7 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
       ratio=0.3,
       lam=0.5,
       k=3,
-      scope='image',      # 'image': every patch with a primary code is replaced (DESIGN.md); 'primary'.
+      scope='primary',    # 'primary': the ceil(ratio*N) top-S patches are replaced (the paper's
+                          # "ratio of visual token replacement"); 'image': also every other patch
+                          # of the image that carries one of their codes.
       norm='l2',          # How the k distances are normalised before softmax(1/d): 'l2' or 'max'.
   ))
   c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, mlm=1.0, itm=1.0))
@@ -144,7 +148,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = -1      # -1: derived from num_epochs and data.num_train_samples.
   c.accum_steps = 1
   c.stage2_steps = 0      # >0: continue with a stage-2 (NVA) run of this many steps in <workdir>/stage2.
-  c.stage2_lr = 0.0       # Peak learning rate of that continuation (0: optim.lr).
+  c.stage2_lr = 0.0       # 0: that stage 2 continues stage 1's schedule; >0: it restarts AdamW
+                          # with a warm-up to this peak instead.
   c.nonfinite = 'stop'    # 'stop' or 'skip' a step whose loss is not finite.
 
   # ---------------------------------------------------------------- data
@@ -184,7 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- infrastructure
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.init_from = ''           # Checkpoint dir of another stage or a converted PyTorch checkpoint.
+  c.init_from = ''           # Another run's workdir, or `nas_jax.convert` folders (comma-separated).
+  c.continue_schedule = False  # With init_from=<a run>: continue its step, AdamW state and
+                               # learning-rate schedule (stage 2 after stage 1; nas_jax/run_plan.py).
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
   c.log_every = 50
   c.eval_every = 0           # 0: only at the end.
@@ -199,14 +206,20 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def finetune_base() -> ml_collections.ConfigDict:
-  """ALBEF's 384-px fine-tuning recipe shared by configs/finetune_*.py: bfloat16, 5 epochs,
-  lr 1e-5 → 1e-6 cosine without warm-up, batch 256, captions up to 30 tokens."""
+  """ALBEF's 384-px retrieval fine-tuning recipe shared by configs/finetune_*.py: ITC + ITM (no
+  MLM: the paper's supplement, ALBEF's and the authors' retrieval models), bfloat16, 5 epochs,
+  lr 1e-5 → 1e-6 cosine without warm-up, batch 256, captions up to 30 tokens, random-resized crops
+  of area (0.5, 1.0), and the id queue that makes every caption of an image a positive (COCO has
+  five per image: as ITC negatives they would be false negatives)."""
   c = base_config()
   c.stage = 3
   c.model.dtype = "bfloat16"
   c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
   c.model.vit.image_size = 384
   c.data.image_size = 384
+  c.mlm.enabled = False
+  c.itc.use_id_queue = True
+  c.data.crop_scale_min = 0.5
   c.num_epochs = 5
   c.optim.lr = 1e-5
   c.optim.min_lr = 1e-6

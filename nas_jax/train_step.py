@@ -157,6 +157,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
   """
   c = config
   use_vd = c.model.use_dictionary
+  update_vd = use_vd and not c.model.dictionary.frozen   # eq. 2 runs (False: codebook frozen)
   use_nva = c.nva.enabled
   compute_dtype = dtype_of(c.model.dtype)
   if use_nva and not use_vd:
@@ -192,10 +193,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     # -- Visual dictionary tokens for matching (NAS §3.1); the codebook is updated in place (eq. 2).
     if use_vd:
       codebook_old = m.codebook()
-      image_tokens, vd = m.dictionary_tokens(img["embeds"], update=vd_update)
+      image_tokens, vd = m.dictionary_tokens(img["embeds"], update=vd_update and update_vd)
       metrics.update(vd_perplexity=vd["perplexity"], vd_used_codes=vd["used_codes"],
                      vd_commit_dist=vd["commit_dist"])
-      if not vd_update:
+      if not vd_update and update_vd:
         extras["vd_sums"], extras["vd_counts"] = _code_stats(vd["f"], vd["codes"],
                                                              codebook_old.shape[0])
     else:
@@ -257,6 +258,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     itm_logits = m.itm_logits(fused[:, :k].reshape((-1,) + fused.shape[2:]))  # [B*k, 2]
     itm_labels = _interleave(*([jnp.ones_like(image_id)] + [jnp.zeros_like(image_id)] * (k - 1)))
     loss_itm, itm_acc = objectives.itm_loss(itm_logits, itm_labels)
+    # Accuracy per pair group: which negatives the matching head already rejects.
+    correct = (jnp.argmax(itm_logits, -1) == itm_labels).astype(jnp.float32).reshape(-1, k)
+    groups = ["pos", "neg_img", "neg_txt"] + ["nva"] * use_nva + ["nta"] * c.itm.text_negatives
+    metrics.update({f"itm_acc_{name}": acc for name, acc in zip(groups, correct.mean(0))})
 
     if c.mlm.enabled:
       loss_mlm = objectives.mlm_loss(m.mlm_logits(fused[:, k]), mlm_labels, logits_m, alpha)
@@ -330,7 +335,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     ids_fm = micro_split(batch["image_id"].astype(jnp.int32))
     masked_total = jnp.maximum(jnp.sum(mlm_labels != objectives.IGNORE), 1).astype(jnp.float32)
     batch_stats = state.batch_stats
-    if use_vd and c.model.dictionary.init == "data":
+    if update_vd and c.model.dictionary.init == "data":
       batch_stats = data_init_codebook(params, batch_stats, micro["image"][0],
                                        jax.random.fold_in(keys["drop"], 0))
 
@@ -375,7 +380,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     (grads, metrics, extras), _ = jax.lax.scan(body, zeros, xs)
     grads = jax.tree.map(lambda x: x / accum, grads)
     metrics = {k: v / accum for k, v in metrics.items()}
-    if use_vd:
+    if update_vd:
       # One eq. 2 update from the whole batch's statistics.
       counts = extras["vd_counts"]
       dic = dict(batch_stats["dictionary"])
