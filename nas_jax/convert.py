@@ -653,7 +653,7 @@ def _dictionary_tree(sd: StateDict, prefix: str, width: int, report: Report
   for name in ("vq.cluster_size", "vq.cluster_sum", "vq.embed_avg"):
     sd.report(prefix + name, ema)
   sd.report(prefix + "mask_emb.weight", "masked-visual-modelling [MASK] embedding of their early "
-            "commits (up to 09eb090); NAS has no masked visual modelling")
+            "commits (up to 06e69bc); NAS has no masked visual modelling")
   return _as_float32(tree), codebook
 
 
@@ -698,8 +698,9 @@ def convert_nas_albef(source, config, *, seed: int = 0,
     report.notes.append("model_config set to the checkpoint's visual dictionary: "
                         + ", ".join(changed))
   if report.layout == "model_pretrain":
-    report.notes.append("queues: their model_pretrain never enqueues (the call is commented out), "
-                        "so image_queue / text_queue hold their random initialisation")
+    report.notes.append("queues: their model_pretrain never enqueues from commit 5523459 on (the "
+                        "call is commented out), so a checkpoint of such a run holds randomly "
+                        "initialised image_queue / text_queue (docs/CONVERT.md)")
   return trees
 
 

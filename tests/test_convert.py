@@ -662,3 +662,14 @@ np.savez(sys.argv[2], **out)
     np.testing.assert_array_equal(out[f"{name}:a.weight"], np.arange(6.0).reshape(2, 3))
     assert out[f"{name}:b"].dtype == np.float32 and out[f"{name}:b"][0] == 1.5
     assert out[f"{name}:queue_ptr"].dtype == np.int64
+
+
+def test_readme_and_docs_give_the_snippet_the_error_gives():
+  snippet = convert.safetensors_snippet("ALBEF_4M.pth")
+  readme = (ROOT / "README.md").read_text()
+  docs = (ROOT / "docs" / "CONVERT.md").read_text()
+  for text in (readme, docs):
+    assert snippet in text
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+  albef = [l for l in readme.splitlines() if "--source albef" in l]
+  assert albef and all("--image_size 384" in l for l in albef)
