@@ -630,9 +630,21 @@ def test_cli_end_to_end(tmp_path, capsys):
                        "--config", f"{cfg_file}:32", "--image_size", "64"]) == 0
   printed = capsys.readouterr().out
   assert "model_pretrain" in printed and "resampled" in printed and "position_ids" in printed
+  assert "model_config: use_dictionary=False, image_size=64" in printed
   back = convert.load_converted(tmp_path / "out")
   assert back["params"]["vit"]["pos_embed"].shape == (1, 1 + 16, DV)
   assert back["queues"]["image_queue"].shape == (Q, E)
+  assert convert.read_meta(tmp_path / "out")["image_size"] == 64
+
+  nas = tmp_path / "nas.safetensors"
+  safetensors.numpy.save_file(nas_state_dict("retrieval", mask_emb=True), str(nas))
+  assert convert.main(["--source", "nas_albef", "--ckpt", str(nas), "--out", str(tmp_path / "nas"),
+                       "--config", f"{cfg_file}:32"]) == 0
+  printed = capsys.readouterr().out
+  assert "model_retrieval" in printed and "batch_stats/dictionary" in printed
+  assert "mask_emb.weight" in printed and "neck.vq.embed_avg" in printed
+  assert "model_config: use_dictionary=True, image_size=32" in printed
+  assert convert.load_converted(tmp_path / "nas")["batch_stats"]["dictionary"]["codebook"].shape == (M, DV)
 
 
 def test_reading_pytorch_files_in_the_torch_venv(run_torch, tmp_path):
