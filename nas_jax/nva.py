@@ -5,8 +5,9 @@ For image b with patch features v_i [N, C], CLS v_cls and its caption's t_cls:
   2. the ceil(ratio * N) patches of highest S are the "primary subject";
   3. for each code c carried by a primary patch, draw ONE replacement r(c) from the k codebook
      entries nearest to d_c (c excluded) with probability softmax(1 / normalised distance);
-     every patch of the image carrying c gets r(c) (`scope='image'`, DESIGN.md; `scope='primary'`
-     replaces only the primary patches);
+     every patch of the image carrying c gets r(c) (`scope='image'`, as the authors' code replaces
+     every patch that carries the chosen patch's code; `scope='primary'` replaces only the primary
+     patches, the paper's "ratio of visual token replacement");
   4. replaced patches take the replacement's dictionary embedding, the rest keep their tokens.
 Everything is computed without gradient, with static shapes and `jax.random`, and jit-compatible.
 
@@ -16,18 +17,23 @@ What this module returns are codes; the caller builds the tokens (step 4) with t
     tokens_neg = vd.embed(q_neg, f, gate_q=q)         # authors' released code, see below
     tokens_neg = vd.embed(q_neg, f)                   # alternative: gate recomputed on [q_neg; f]
 
-In the authors' released code (`SimpleVDforPreGate`) the negative token of a replaced patch is
-`w_q * d_r + w_f * f_i` with the gate weights (w_q, w_f) of the *positive* token and its original
-(detached) continuous feature f_i; that is what `gate_q=q` reproduces. (Their code also skips the
-post-quantisation Linear for the negative, which looks unintended; we apply it.)
+`gate_q=q` mixes a replaced patch's Linear(d_r) with its original continuous feature f_i by the
+gate weights (w_q, w_f) of the *positive* token. The authors' code (github Gavin001201/NAS_ALBEF,
+`SimpleVDforPreGate.forward` in models/sohonecks.py) changed over time, and no commit does exactly
+this: 5523459 and 9615d3d gave every patch `w_q * d + w_f * f_i` with the positive's weights but the
+raw code d (no Linear; f_i detached in 9615d3d); c8a6aa0 to d60efef (v72) give a replaced patch
+the raw d_r without gate, 2857ee8 (v75) to their HEAD 3b80cef Linear(d_r) without gate, the other
+patches keeping their positive tokens; their pretraining detaches the negative from c8a6aa0 on.
+The differences, commit by commit: docs/CONVERT.md, "The authors' code".
 
-"Normalised distance" follows the authors' code: the k squared Euclidean distances of a code to
-its candidates are L2-normalised as a vector (`F.normalize`), and the logits are
-1 / (normalised + 1e-4) (`norm='l2'`); `norm='max'` divides by the largest of the k instead.
-Where the authors measure distances from the patch feature f_i to the codes (their candidates are
-the 2nd..4th nearest codes of each patch), DESIGN.md measures them between codebook entries
-(`nearest_codes`), which is what we do: the candidates depend on the code only, so patches sharing
-a code share candidates.
+"Normalised distance" follows the authors' code (`SOHO_Pre_VD.forward`, models/soho_pre_vd.py):
+the k squared Euclidean distances to the candidates are L2-normalised as a vector
+(`F.normalize`), and the logits are 1 / (normalised + 1e-4) (`norm='l2'`); `norm='max'` divides by
+the largest of the k instead. Where the authors measure distances from the patch feature f_i to
+the codes (their candidates are the 2nd..4th nearest codes of each patch), the paper's "the k
+entries nearest to d_c" measures them between codebook entries (`nearest_codes`), which is what we
+do: the candidates depend on the code only, so patches sharing a code share candidates. The two
+agree when f_i equals its code.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ def negative_codes(rng: Array, *, t_cls: Array, v_cls: Array, patches: Array, co
     patches: [B, N, C] raw ViT patch features v_1..v_N.
     codes: int [B, N] the VD codes of the patches.
     codebook: [m, C_vd] the VD codebook.
-    ratio, lam, k: as DESIGN.md (0.3, 0.5, 3).
+    ratio, lam, k: the paper's 0.3, 0.5, 3 (config nva.*).
     scope: 'image' (every patch of the image carrying a primary code) or 'primary'.
     norm: normalisation of the candidate distances ('l2' as the authors, or 'max').
     neighbours: optional precomputed `nearest_codes(codebook, k)` (to share it across calls).

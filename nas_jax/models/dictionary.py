@@ -10,12 +10,15 @@ Pipeline for the patch tokens `v_1..v_N` (not the CLS) of each image:
   x_i = w_q e_i + w_f f_i,  (w_q, w_f) = softmax(ReLU(LayerNorm(Linear_{2c->2}([e_i; f_i]))))
   tokens_i = LayerNorm(x_i + pos_i)                     pos: fixed 2-D sine/cosine embedding
 
-The gate follows the authors' released code (`SimpleVDforPreGate`): its input is the concatenation
-of the *linearly mapped* quantised feature and the continuous feature; `gate=False` keeps only the
-quantised path (`x_i = e_i`). The authors' code names, for checkpoint conversion:
+The gate follows the authors' code (github Gavin001201/NAS_ALBEF, class `SimpleVDforPreGate` in
+models/sohonecks.py; every commit but 3753ea8, HEAD 3b80cef included): its input is the
+concatenation of the *linearly mapped* quantised feature and the continuous feature; `gate=False`
+keeps only the quantised path (`x_i = e_i`). Their names, for checkpoint conversion
+(`nas_jax.convert.convert_nas_albef`, docs/CONVERT.md):
 
   linear.0 -> in_dense   linear.1 -> in_norm   pos_line -> out_dense
-  gate_fc.0 -> gate_dense   gate_fc.1 -> gate_norm   ln -> norm   vq.embed -> batch_stats/codebook
+  gate_fc.0 -> gate_dense   gate_fc.1 -> gate_norm   ln -> norm
+  vq.embed (their codebook module `SOHO_Pre_VD`, models/soho_pre_vd.py) -> batch_stats/codebook
 
 The codebook lives in the Flax collection `batch_stats` (float32), never in `params`: the optimizer
 does not see it, and it changes only through eq. 2 when `quantize(..., update=True)` runs under
@@ -23,9 +26,15 @@ does not see it, and it changes only through eq. 2 when `quantize(..., update=Tr
 over the global batch: under `jax.jit` with a batch-sharded input XLA inserts the all-reduce.
 
 Choices where the paper is silent (recorded here, switchable where it matters):
-  * gamma (`momentum`) defaults to 0.99, the authors' `max_decay`. Their code ramps the decay from
-    0.4 to 0.99 over training and uses a Laplace-smoothed VQ-VAE EMA; we implement eq. 2 exactly.
-  * `init='normal'`: codebook ~ N(0, init_std^2) as the paper (and `nn.init.normal_` upstream).
+  * gamma (`momentum`) defaults to 0.99. The authors' update is not eq. 2: it lives in
+    `SOHO_Pre_VD.forward` (not in `SimpleVDforPreGate`) and is a VQ-VAE style EMA of per-code
+    counts and sums with Laplace-smoothed counts. Up to their commit 9615d3d its decay is the
+    constant 0.4 (the arguments say decay 0.4, max_decay 0.99, but the method that would ramp one
+    to the other is never called); in 3753ea8 and 89dd9ca it ramps from 0.2 to 1.0; from c8a6aa0
+    to their HEAD 3b80cef the update is commented out and the codebook stays as loaded.
+    We implement eq. 2 exactly; momentum=1.0 freezes the codebook as their HEAD does.
+  * `init='normal'`: codebook ~ N(0, init_std^2) as the paper (and `SOHO_Pre_VD`'s
+    `nn.init.normal_`).
     `init='data'`: the first update first overwrites the codebook with the batch's features (see
     `_data_init`), then assigns against it and applies eq. 2, so no step sees the random codebook.
   * Distances use `precision=HIGHEST` so the argmin is the true nearest code on GPUs/TPUs too
@@ -47,7 +56,8 @@ Array = jax.Array
 def sincos_2d(grid: tuple[int, int], dim: int) -> Array:
   """Fixed 2-D sine/cosine position embedding, [h*w, dim] float32 (row-major over the grid).
 
-  As the authors' `position_encoding_sine` (DETR-style): the row and column of each patch are
+  As `SimpleVDforPreGate.position_encoding_sine` in the authors' code (DETR-style, the same in all
+  their commits): the row and column of each patch are
   normalised to (0, 2*pi] as `(index + 1) / size * 2*pi`; the first dim/2 channels encode the row,
   the last dim/2 the column, each as interleaved [sin(p/t_0), cos(p/t_0), sin(p/t_1), ...] with
   t_k = 10000^(2k / (dim/2)).
@@ -227,8 +237,8 @@ class VisualDictionary(nn.Module):
         negative).
       f: [B, N, dim] continuous features mixed in by the gate.
       gate_q: optional [B, N, dim]: compute the gate weights from [Linear(gate_q); f] instead of
-        [Linear(q); f]. The authors' NVA negative reuses the positive's gate weights
-        (gate_q = the positive's q) while mixing the replacement code with the original f.
+        [Linear(q); f]. `negative_tokens(reuse_gate=True)` passes the positive's q, so the NVA
+        negative mixes the replacement code with the original f by the positive's gate weights.
     """
     _, n, _ = q.shape
     e = self.out_dense(q)
@@ -244,15 +254,22 @@ class VisualDictionary(nn.Module):
 
   def negative_tokens(self, q: Array, f: Array, codes: Array, replaced: Array, *,
                       reuse_gate: bool = True, codebook: Array | None = None) -> Array:
-    """Tokens [B, N, dim] of the NVA negative image I_fg (DESIGN.md NVA step 4).
+    """Tokens [B, N, dim] of the NVA negative image I_fg (step 4 of nas_jax/nva.py).
 
     Replaced patches take the codebook row of their new code (`nva.negative_codes(...)['codes']`),
-    the others keep q, so their tokens equal the positive's. reuse_gate=True follows the authors'
-    code: the gate weights are the positive's (from [Linear(q); f]) and the continuous feature
-    mixed in is the original f; reuse_gate=False recomputes the gate on [Linear(d_new); f].
+    the others keep q, so their tokens equal the positive's. A replaced patch becomes
+    LayerNorm(w_q Linear(d_new) + w_f f + pos): with reuse_gate=True the gate weights are the
+    positive's (from [Linear(q); f]), with reuse_gate=False they are recomputed on
+    [Linear(d_new); f]; f is the original continuous feature.
     No gradient reaches q, f or the codebook (the encoder learns nothing through the negative's
     construction); the VD head's own parameters (Linear, gate, LayerNorm) do get the gradient of
-    whatever loss uses these tokens, as in the authors' code.
+    whatever loss uses these tokens.
+    The authors' code (docs/CONVERT.md, "The authors' code") never built it quite so: their
+    commits 5523459 and 9615d3d mixed the *raw* code (no Linear) with f by the positive's gate
+    weights for every patch; from c8a6aa0 to d60efef (v72) a replaced patch is
+    LayerNorm(d_new + pos), from 2857ee8 (v75) to their HEAD 3b80cef LayerNorm(Linear(d_new) +
+    pos), without the gate, the other patches keeping their positive tokens (as ours); and from
+    c8a6aa0 on their pretraining detaches the negative tokens entirely.
     codebook: the [m, dim] codebook the codes index; default the current one. Pass the codebook
     read *before* `quantize(update=True)` when called after the update in the same apply.
     """
