@@ -160,6 +160,10 @@ def _from_converted(path: str, state, notes: list[str]):
   batch_stats = state.batch_stats
   if tree.get("batch_stats") and state.batch_stats:
     batch_stats = merge_tree(state.batch_stats, tree["batch_stats"], path + " (VD)", notes)
+    if "initialized" in batch_stats.get("dictionary", {}):   # init='data' must not overwrite it
+      dic = dict(batch_stats["dictionary"])
+      dic["initialized"] = jax.device_put(np.ones((), bool), dic["initialized"].sharding)
+      batch_stats = dict(batch_stats, dictionary=dic)
   source_queues = {name: tree["queues"][key] for name, key in QUEUE_KEYS.items()
                    if key in tree.get("queues", {})}
   queues = merge_queues(state.queues, source_queues, path, notes, keep_ids=False)

@@ -61,7 +61,8 @@ RECIPE_CONFIG = textwrap.dedent(f'''
 
 
 def _run(module: str, *args: str, timeout: int = 300) -> str:
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as a user's
+  env["PYTHONUNBUFFERED"] = "1"
   proc = subprocess.run([sys.executable, "-m", f"nas_jax.{module}", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, f"nas_jax.{module} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
