@@ -329,7 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   for bench in args.bench:
     scorer.desc = bench
     t0 = time.time()
-    result = run_benchmark(bench, scorer, args, config, scores_dir)
+    try:
+      result = run_benchmark(bench, scorer, args, config, scores_dir)
+    except common.BenchmarkDataError as e:  # A missing or unreadable image, a malformed record.
+      print(f'error: {e}', file=sys.stderr)
+      return 2
     result.protocol['seconds'] = round(time.time() - t0, 1)
     results.append(result)
     print('\n' + report.benchmark_markdown(result, compare_paper=args.compare == 'paper',

@@ -155,6 +155,12 @@ def test_end_to_end_tiny_checkpoint(tmp_path, samples_dir, minilm_dir, capsys):
                       '--vocab', str(vocab), '--out', str(out)])
   err = capsys.readouterr().err
   assert rc == 2 and 'has 30523 tokens but the model has 30522' in err and err.count('\n') == 1
+  # An image that disappeared after the checks: one line naming it, not a traceback.
+  (wino / 'images' / 'ex_3_img_1.png').unlink()
+  rc = nas_eval.main(['--bench', 'winoground', '--checkpoint', str(tmp_path / 'run'),
+                      '--data_dir', str(tmp_path / 'data'), '--out', str(out)])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.count('\n') == 1 and 'ex_3_img_1.png does not exist' in err
   # A missing vocabulary file: one line too.
   rc = nas_eval.main(['--bench', 'synthetic', '--checkpoint', str(tmp_path / 'run'),
                       '--vocab', str(tmp_path / 'nope.txt'), '--out', str(out)])

@@ -59,10 +59,11 @@ class ImageRef:
     try:
       image = Image.open(self.path).convert('RGB')
     except FileNotFoundError:
-      raise FileNotFoundError(f'image {self.path} does not exist: check --data_dir against the '
-                              'layout printed by `python -m nas_jax.eval --help`') from None
+      raise BenchmarkDataError(f'image {self.path} does not exist: check --data_dir against the '
+                               'layout printed by `python -m nas_jax.eval --help`') from None
     except OSError as e:  # PIL.UnidentifiedImageError, truncated files.
-      raise OSError(f'image {self.path} cannot be read ({e}): re-download or replace it') from None
+      raise BenchmarkDataError(f'image {self.path} cannot be read ({e}): re-download or replace '
+                               'it') from None
     if self.box is not None:
       x, y, w, h = self.box
       image = image.crop((x, y, x + w, y + h))
@@ -215,7 +216,7 @@ def identity_text(caption: str, max_words: int = 0) -> str:
 # ---------------------------------------------------------------------------------------- files
 
 class BenchmarkDataError(FileNotFoundError):
-  """A benchmark's official file is missing or malformed."""
+  """A benchmark's official file (or one of its images) is missing or malformed."""
 
 
 def require(benchmark: str, path: str, source: str, what: str = 'file') -> str:
