@@ -249,7 +249,7 @@ def evaluate(root: str, scorer: common.Scorer, *, mode: str = 'itm_p', max_token
     counts[stem] = count_correct(pair_scores[stem][:, 0], pair_scores[stem][:, 1], skip)
     if all_logits is not None:
       binary[stem] = binary_decisions(pair_logits[stem][:, 0], foil_logits, skip)
-    if counts[stem][1] == 0:
+    if skipped[stem] and counts[stem][1] == 0:
       print(f'[valse] warning: every valid pair of {stem} was skipped (its foils\' ITM logits are '
             'equal): its accuracy is 0; is the model trained?')
   headline, details = summarize(counts)
