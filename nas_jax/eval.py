@@ -15,12 +15,18 @@ also comma-separated). Each reads its official files under --data_dir:
   <data_dir>/flickr30k/   flickr30k_test.json + flickr30k-images/ (retrieval_flickr, Flickr30k-Order)
 
 Every file is checked before the model is loaded; a missing one stops the run with the benchmark,
-the path looked for and where the official data comes from.
+the path looked for and where the official data comes from. The ARO Order tasks need spaCy and
+NLTK with their models (pip install 'nas_jax[aro]', then the two model downloads the error names).
 
-Scores (--score, default per benchmark protocol): 'itm' = ITM logit difference l1 - l0 (VALSE,
-Winoground, ARO, synthetic), 'itm_l1' = raw match logit (ALBEF retrieval re-ranking, the retrieval
-default), 'itc' = ITC cosine, 'itm+itc' = l1 + cosine (the ARO repo's BLIP/X-VLM wrappers).
-Outputs: <out>/results.md and <out>/results.json (every number, the protocol of each benchmark).
+Each benchmark is scored as its official script scores it (ties, skip rules, ranks): see
+docs/EVALUATION.md. Scores (--score, default per benchmark): 'itm_p' = float32 softmax P(match),
+the score of the published per-example files (VALSE, ARO, Winoground); 'itm' = logit difference
+l1 - l0 (same ranking without P's saturation at 1.0; the synthetic suite's default); 'itm_l1' =
+raw match logit (ALBEF retrieval re-ranking, the retrieval default); 'itc' = ITC cosine;
+'itm+itc' = l1 + cosine (the ARO repo's BLIP/X-VLM wrappers).
+Outputs: <out>/results.md, <out>/results.json (every number, the protocol of each benchmark) and
+<out>/scores/ (per-example scores in the official formats, to re-check any number with the
+official code: winoground.jsonl, valse.jsonl, aro/*.npy, retrieval_*.npz).
 """
 
 from __future__ import annotations
@@ -32,13 +38,21 @@ import time
 from typing import Sequence
 
 BENCHMARKS = ('valse', 'aro', 'winoground', 'retrieval_coco', 'retrieval_flickr', 'synthetic')
-DEFAULT_SCORE = {'valse': 'itm', 'aro': 'itm', 'winoground': 'itm', 'retrieval_coco': 'itm_l1',
-                 'retrieval_flickr': 'itm_l1', 'synthetic': 'itm'}
+DEFAULT_SCORE = {'valse': 'itm_p', 'aro': 'itm_p', 'winoground': 'itm_p',
+                 'retrieval_coco': 'itm_l1', 'retrieval_flickr': 'itm_l1', 'synthetic': 'itm'}
+# Ordinary English captions: a BERT vocabulary knows every word of them (some as word pieces).
+VOCAB_PROBE = ('a man riding a horse on the beach next to a dog',
+               'two women are playing with a frisbee in the park',
+               'the grass is eating the horse', 'an old person kisses a young person',
+               'there are exactly four kites flying over the ocean')
+MAX_UNKNOWN_SHARE = 0.2
 DEFAULT_TOKENS = {'valse': 40, 'aro': 40, 'winoground': 40, 'retrieval_coco': 30,
                   'retrieval_flickr': 30, 'synthetic': None}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  from nas_jax.benchmarks.aro import TASKS as ARO_TASKS
+  from nas_jax.benchmarks.common import SCORE_MODES
   p = argparse.ArgumentParser(prog='python -m nas_jax.eval', description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split('\n\n', 1)[1])
@@ -46,25 +60,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help=f'benchmark(s) to run: {", ".join(BENCHMARKS)} (repeat or comma-separate)')
   p.add_argument('--checkpoint', required=True,
                  help='training workdir, its checkpoints/<step> folder, or a converted checkpoint')
-  p.add_argument('--data_dir', default='', help='root of the benchmark files (layout above)')
+  p.add_argument('--data_dir', default='', help='root of the benchmark files (layout below)')
   p.add_argument('--config', default='',
                  help='config file (file.py or file.py:arg); default: the config saved with the checkpoint')
   p.add_argument('--out', default='', help='output folder (default: <checkpoint>/eval)')
   p.add_argument('--compare', choices=('paper',), default=None,
                  help="'paper': add the paper's ALBEF and NAS rows (Tables 2, 3, 9, 10)")
-  p.add_argument('--score', choices=('itm', 'itm_l1', 'itc', 'itm+itc'), default=None,
-                 help='pair score for every benchmark (default: each benchmark\'s protocol)')
+  p.add_argument('--score', choices=SCORE_MODES, default=None,
+                 help='pair score for every benchmark (default: itm_p for VALSE, ARO, Winoground; '
+                 'itm_l1 for retrieval; itm for synthetic; see above)')
   p.add_argument('--vocab', default='', help="BERT vocab.txt / model dir (default: config.data.vocab)")
   p.add_argument('--batch_size', type=int, default=0, help='pairs per step over all local devices (default: 256 per device)')
   p.add_argument('--max_tokens', type=int, default=0, help='token limit for every benchmark '
                  '(default: 40 VALSE/Winoground/ARO, 30 retrieval)')
   p.add_argument('--k_test', type=int, default=0, help='retrieval shortlist (default 256 COCO, 128 Flickr)')
-  p.add_argument('--aro_tasks', default='vg_relation,vg_attribution,coco_order,flickr_order')
+  p.add_argument('--score_files', action=argparse.BooleanOptionalAction, default=True,
+                 help='write the per-example scores in the official formats to <out>/scores/')
+  p.add_argument('--valse_skip', choices=('valse', 'none'), default='valse',
+                 help="'valse': leave out pairs whose foil gets equal ITM logits, as the VALSE "
+                 "repository's script does; 'none': count every valid pair (Bugliarello et al.'s notebook)")
+  p.add_argument('--aro_tasks', default=','.join(ARO_TASKS),
+                 help=f'comma-separated ARO tasks to run (default: all of {", ".join(ARO_TASKS)})')
   p.add_argument('--aro_seeds', default='1,2,3,4,5', help='seeds of the Order perturbations')
   p.add_argument('--aro_order_file', action='append', default=[],
                  help='TASK=PATH: precomputed Order cases (ARO test_cases json), e.g. coco_order=/x/seed1.json')
-  p.add_argument('--aro_perturbation', choices=('auto', 'fallback', 'official'), default='auto',
-                 help='tagger for the Order perturbations (see nas_jax/benchmarks/aro.py)')
+  p.add_argument('--aro_perturbation', choices=('official', 'fallback'), default='official',
+                 help="Order perturbations: 'official' (spaCy en_core_web_sm + NLTK, the extra "
+                 "nas_jax[aro]) or 'fallback' (approximate tagger, named in the table)")
   p.add_argument('--synthetic_n', type=int, default=200, help='cases per synthetic subset')
   p.add_argument('--synthetic_seed', type=int, default=0)
   args = p.parse_args(argv)
@@ -76,6 +98,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if any(b != 'synthetic' for b in args.bench) and not args.data_dir:
     p.error(f'--data_dir is required for {[b for b in args.bench if b != "synthetic"]}')
   args.aro_tasks = [t.strip() for t in args.aro_tasks.split(',') if t.strip()]
+  bad = [t for t in args.aro_tasks if t not in ARO_TASKS]
+  if bad:
+    p.error(f'--aro_tasks: unknown task(s) {bad}: use {", ".join(ARO_TASKS)}')
   args.aro_seeds = [int(s) for s in args.aro_seeds.split(',') if s.strip()]
   files: dict[str, list[str]] = {}
   for spec in args.aro_order_file:
@@ -90,7 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------- data check
 
 def check_data(bench: str, args: argparse.Namespace) -> None:
-  """Raises BenchmarkDataError when an official file of `bench` is missing (before any model work)."""
+  """Raises BenchmarkDataError when an official file of `bench` is missing, and
+  aro.PerturbationBackendError when the ARO Order tasks lack spaCy / NLTK (before any model work)."""
   from nas_jax.benchmarks import common, retrieval, valse, winoground
   d = args.data_dir
   if bench == 'valse':
@@ -109,7 +135,8 @@ def check_data(bench: str, args: argparse.Namespace) -> None:
       _check_aro(args)
     except common.BenchmarkDataError as e:
       raise common.BenchmarkDataError(
-          f'{e}\n  To run the other ARO tasks only, pass --aro_tasks (now: {",".join(args.aro_tasks)}).') from None
+          f'{e}; to run the other ARO tasks only, pass --aro_tasks (now: {",".join(args.aro_tasks)})'
+      ) from None
 
 
 def _check_aro(args: argparse.Namespace) -> None:
@@ -121,34 +148,39 @@ def _check_aro(args: argparse.Namespace) -> None:
       common.require(f'aro/{task}', os.path.join(root, 'images'), aro.SOURCE, what='folder')
     elif task in args.aro_order_file:
       for path in args.aro_order_file[task]:
-        common.require(f'aro/{task}', path, 'a file you generated (see nas_jax/benchmarks/aro.py)')
-    elif task in ('coco_order', 'flickr_order'):
+        common.require(f'aro/{task}', path,
+                       'the ARO test_cases you generated (docs/EVALUATION.md, ARO Order)')
+    else:
       bench = 'retrieval_coco' if task == 'coco_order' else 'retrieval_flickr'
       try:
         retrieval.find_json(bench, args.data_dir)
       except common.BenchmarkDataError as e:
         raise common.BenchmarkDataError(str(e).replace(f'[{bench}]', f'[aro/{task}]')) from None
-    else:
-      raise ValueError(f'unknown ARO task {task!r}: use {", ".join(aro.TASKS)}')
+      if args.aro_perturbation == 'official':
+        aro.official_backend()
 
 
 # ---------------------------------------------------------------------------------------- run
 
-def run_benchmark(bench: str, scorer, args: argparse.Namespace, config):
+def run_benchmark(bench: str, scorer, args: argparse.Namespace, config, scores_dir: str | None = None):
+  """One benchmark's BenchResult; its per-example score files go under `scores_dir` (None: none)."""
   from nas_jax.benchmarks import aro, retrieval, valse, winoground
   mode = args.score or DEFAULT_SCORE[bench]
   tokens = args.max_tokens or DEFAULT_TOKENS[bench]
   d = args.data_dir
   if bench == 'valse':
-    return valse.evaluate(os.path.join(d, 'valse'), scorer, mode=mode, max_tokens=tokens)
+    return valse.evaluate(os.path.join(d, 'valse'), scorer, mode=mode, max_tokens=tokens,
+                          skip_rule=args.valse_skip, scores_dir=scores_dir)
   if bench == 'winoground':
-    return winoground.evaluate(os.path.join(d, 'winoground'), scorer, mode=mode, max_tokens=tokens)
+    return winoground.evaluate(os.path.join(d, 'winoground'), scorer, mode=mode, max_tokens=tokens,
+                               scores_dir=scores_dir)
   if bench == 'aro':
     return aro.evaluate(d, scorer, mode=mode, max_tokens=tokens, tasks=args.aro_tasks,
                         seeds=args.aro_seeds, order_files=args.aro_order_file,
-                        backend=args.aro_perturbation)
+                        backend=args.aro_perturbation, scores_dir=scores_dir)
   if bench in ('retrieval_coco', 'retrieval_flickr'):
-    return retrieval.evaluate(bench, d, scorer, mode=mode, k=args.k_test or None, max_tokens=tokens)
+    return retrieval.evaluate(bench, d, scorer, mode=mode, k=args.k_test or None, max_tokens=tokens,
+                              scores_dir=scores_dir)
   if bench == 'synthetic':
     return run_synthetic(scorer, args, config, mode)
   raise ValueError(bench)
@@ -205,49 +237,103 @@ def run_synthetic(scorer, args, config, mode: str):
                 'retrieval k_test': k_test, 'comparison': 'strict >'})
 
 
+def unknown_word_share(tokenizer, texts: Sequence[str] = VOCAB_PROBE) -> float:
+  """Share of the word tokens of `texts` (cleaned as ALBEF does) that `tokenizer` maps to [UNK]:
+  0 for BERT's vocabulary, most of them for a vocabulary made for something else (the synthetic
+  world's ~40 words). A content check: two vocabularies of equal size can differ."""
+  from nas_jax.data.text import pre_caption
+  cleaned = [pre_caption(t, 60) for t in texts]
+  ids, mask = tokenizer(cleaned, 64)
+  special = {tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id}
+  words = [int(i) for row, m in zip(ids, mask) for i, on in zip(row, m) if on and i not in special]
+  return sum(i == tokenizer.unk_id for i in words) / max(len(words), 1)
+
+
+def _load(args: argparse.Namespace):
+  """(config, params, batch_stats, tokenizer) of --checkpoint / --config / --vocab; raises
+  SystemExit(2) after printing a one-line error saying what to pass."""
+  import logging
+  from nas_jax import checkpoint
+  from nas_jax.config_lib import load_config_file
+  from nas_jax.data.text import load_tokenizer
+
+  def fail(msg):
+    print(f'error: {msg}', file=sys.stderr)
+    raise SystemExit(2)
+
+  if not os.path.exists(args.checkpoint):
+    fail(f'--checkpoint {args.checkpoint} does not exist: pass a training workdir, its '
+         'checkpoints/<step> folder or a converted checkpoint')
+  absl_logger = logging.getLogger('absl')  # Orbax warns about metadata files old checkpoints lack.
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    config = load_config_file(args.config) if args.config else None
+    config, params, batch_stats = checkpoint.load_params(args.checkpoint, config)
+  except FileNotFoundError as e:
+    fail(f'{e}'.splitlines()[0])
+  finally:
+    absl_logger.setLevel(level)
+  try:
+    tokenizer = load_tokenizer(args.vocab or config.data.vocab)
+  except FileNotFoundError as e:
+    fail(f'{e}'.splitlines()[0])
+  english = [b for b in args.bench if b != 'synthetic']
+  share = unknown_word_share(tokenizer) if english else 0.0
+  if share > MAX_UNKNOWN_SHARE:
+    trained = ("; the checkpoint was trained on the synthetic world's vocabulary"
+               if config.data.vocab == 'synthetic' and not args.vocab else '')
+    fail(f"the vocabulary {tokenizer.vocab_file} maps {share:.0%} of the words of ordinary English "
+         f"captions to [UNK], so {', '.join(english)} would be scored on [UNK]s{trained}: pass --vocab "
+         "with bert-base-uncased's vocab.txt (for a model trained on it), or run --bench synthetic only")
+  if tokenizer.vocab_size != config.model.bert.vocab_size:
+    fail(f'the vocabulary {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens but the model has '
+         f"{config.model.bert.vocab_size}: pass --vocab with the model's vocab.txt (bert-base-uncased "
+         'for ALBEF/NAS checkpoints)')
+  return config, params, batch_stats, tokenizer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  from nas_jax.benchmarks import common, report
+  from nas_jax.benchmarks import aro, common, report
 
   try:  # Fail before loading anything heavy.
     for bench in args.bench:
       check_data(bench, args)
-  except common.BenchmarkDataError as e:
+  except (common.BenchmarkDataError, aro.PerturbationBackendError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
   import jax
-  from nas_jax import checkpoint
   from nas_jax.benchmarks.model_scorer import ModelScorer
-  from nas_jax.data.text import load_tokenizer
   from nas_jax.models.nas import NASModel
 
-  from nas_jax.config_lib import load_config_file
-  config = load_config_file(args.config) if args.config else None
-  config, params, batch_stats = checkpoint.load_params(args.checkpoint, config)
+  try:
+    config, params, batch_stats, tokenizer = _load(args)
+  except SystemExit as e:
+    return int(e.code)
   image_size = config.model.vit.image_size  # Position embeddings fix the resolution.
   model = NASModel(config=config.model)
-  tokenizer = load_tokenizer(args.vocab or config.data.vocab)
-  if tokenizer.vocab_size != config.model.bert.vocab_size:
-    print(f'error: the vocabulary {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens but the '
-          f'model has {config.model.bert.vocab_size}: pass --vocab with the model\'s vocab.txt '
-          '(bert-base-uncased for ALBEF/NAS checkpoints)', file=sys.stderr)
-    return 2
   scorer = ModelScorer(model, params, batch_stats, tokenizer, image_size=image_size,
                        batch_size=args.batch_size or max(config.eval.batch_size,
                                                          256 * jax.local_device_count()),
                        max_tokens=config.eval.max_text_len)
   out = args.out or os.path.join(args.checkpoint, 'eval')
+  scores_dir = os.path.join(out, 'scores') if args.score_files else None
   meta = {'checkpoint': os.path.abspath(args.checkpoint), 'data_dir': args.data_dir,
           'image_size': image_size, 'use_dictionary': bool(config.model.use_dictionary),
           'devices': f'{jax.local_device_count()} x {jax.local_devices()[0].device_kind}',
-          'jax': jax.__version__}
+          'jax': jax.__version__, 'score_files': scores_dir or 'not written'}
   print(f'[eval] {meta["checkpoint"]} on {meta["devices"]}: {", ".join(args.bench)}', flush=True)
   results = []
   for bench in args.bench:
     scorer.desc = bench
     t0 = time.time()
-    result = run_benchmark(bench, scorer, args, config)
+    try:
+      result = run_benchmark(bench, scorer, args, config, scores_dir)
+    except common.BenchmarkDataError as e:  # A missing or unreadable image, a malformed record.
+      print(f'error: {e}', file=sys.stderr)
+      return 2
     result.protocol['seconds'] = round(time.time() - t0, 1)
     results.append(result)
     print('\n' + report.benchmark_markdown(result, compare_paper=args.compare == 'paper',
@@ -255,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write(results, out, meta=meta, compare_paper=args.compare == 'paper')  # Partial results survive a crash.
     scorer.clear_cache()
   md_path, json_path = report.write(results, out, meta=meta, compare_paper=args.compare == 'paper')
-  print(f'[eval] wrote {md_path} and {json_path}', flush=True)
+  print(f'[eval] wrote {md_path} and {json_path}' + (f'; per-example scores in {scores_dir}'
+                                                     if scores_dir else ''), flush=True)
   return 0
 
 

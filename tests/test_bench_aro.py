@@ -58,7 +58,8 @@ def test_vg_relation_and_attribution(tmp_path):
       table[(ref, c['true_caption'])] = 1.0  # Raw captions: no pre_caption for VG.
       table[(ref, c['false_caption'])] = false_score
   scorer = common.TableScorer(table, load_images=True)
-  res = aro.evaluate(str(tmp_path), scorer, tasks=('vg_relation', 'vg_attribution'))
+  res = aro.evaluate(str(tmp_path), scorer, tasks=('vg_relation', 'vg_attribution'),
+                     scores_dir=str(tmp_path / 'scores'))
   assert res.headline['Relation'] == pytest.approx((200 / 3 + 50 + 0) / 3)
   assert res.headline['Attribute'] == pytest.approx((80 + 50) / 2)
   assert res.headline['Avg'] == pytest.approx((res.headline['Relation'] + 65) / 2)
@@ -75,6 +76,59 @@ def test_vg_relation_and_attribution(tmp_path):
   assert scorer.calls == [('itm', 16), ('itm', 2 * len(att_spec))]
   table_rows = res.tables['ARO Relation: per relation (counts logged for filtering)'][1]
   assert ['next to', 2, 2, 100.0, 'no'] in table_rows
+  # Score arrays as the ARO repo keeps them, [cases, 1, 2]; its evaluate_scores + the notebook's
+  # exclusion (VG-R) give the same macro accuracies.
+  rel = np.load(vgr['score_file'])
+  att = np.load(vga['score_file'])
+  assert rel.shape == (8, 1, 2) and att.shape == (len(att_spec), 1, 2) and rel.dtype == np.float32
+  assert vgr['score_file'].endswith('aro/VG_Relation--None--None--nas_jax--1--si2t.npy')
+  records = _aro_vg_relation_records(rel, [c['relation_name'] for c in rel_cases])
+  kept = [r['Accuracy'] for r in records if r['Relation'] not in aro.EXCLUDED_RELATIONS]
+  assert 100 * np.mean(kept) == pytest.approx(res.headline['Relation'])
+  records = _aro_vg_attribution_records(att, [f'{a}_{b}' for a, b, _ in att_spec])
+  assert 100 * np.mean([r['Accuracy'] for r in records]) == pytest.approx(res.headline['Attribute'])
+
+
+def _aro_vg_relation_records(scores, all_relations):
+  """VG_Relation.evaluate_scores of the ARO repo (dataset_zoo/aro_datasets.py), transcribed."""
+  preds = np.argmax(np.squeeze(scores, axis=1), axis=-1)
+  correct_mask = (preds == 1)
+  all_relations = np.array(all_relations)
+  records = []
+  for relation in np.unique(all_relations):
+    relation_mask = (all_relations == relation)
+    if relation_mask.sum() == 0:
+      continue
+    records.append({'Relation': relation, 'Accuracy': correct_mask[relation_mask].mean(),
+                    'Count': relation_mask.sum()})
+  return records
+
+
+def _aro_vg_attribution_records(scores, all_attributes):
+  """VG_Attribution.evaluate_scores of the ARO repo, transcribed (the >= 25 filter is inside)."""
+  preds = np.argmax(np.squeeze(scores, axis=1), axis=-1)
+  correct_mask = (preds == 1)
+  all_attributes = np.array(all_attributes)
+  records = []
+  for attr in np.unique(all_attributes):
+    attr_mask = (all_attributes == attr)
+    if attr_mask.sum() < 25:
+      continue
+    records.append({'Attributes': attr, 'Accuracy': correct_mask[attr_mask].mean(),
+                    'Count': attr_mask.sum()})
+  return records
+
+
+def test_saturated_probabilities_decide_ties():
+  """Default score float32 P(match): ITM logits (0, 20) and (0, 18) both give P = 1.0. VG: the
+  false caption ties the true one -> argmax 0 -> wrong. Order: a perturbation ties the original ->
+  argmax 0 -> right. With the logit difference both cases are decided by the values (20 > 18)."""
+  p = common.itm_probability(np.array([[0, 18], [0, 20]], np.float32))
+  assert p.tolist() == [1.0, 1.0]
+  assert aro.vg_metric('vg_relation', ['on'], p[None, :])[0] == 0.0
+  assert aro.vg_metric('vg_relation', ['on'], np.float32([[18, 20]]))[0] == 100.0
+  assert aro.order_metric(np.array([[1.0, 1.0, 0.5, 0.5, 0.5]])) == 100.0
+  assert aro.order_metric(np.float32([[18, 20, 0, 0, 0]])) == 0.0
 
 
 def test_vg_metric_tie_is_wrong():
@@ -95,6 +149,29 @@ def test_fallback_tokenizer_and_pre_caption():
   assert common.aro_pre_caption('one two three four', max_words=2) == 'one two'
   assert [aro.fallback_tag(t) for t in ['a', 'red', 'dog', 'is', 'running', 'on', 'grass', '.']] == \
       ['OTHER', 'ADJ', 'NOUN', 'OTHER', 'OTHER', 'OTHER', 'NOUN', 'OTHER']
+
+
+def test_official_perturbations_need_the_extra(monkeypatch):
+  """Without spaCy / NLTK (or their models) the official backend stops with one line naming the
+  extra and the alternatives; there is no silent fallback."""
+  import builtins
+  real_import = builtins.__import__
+
+  def no_nlp(name, *args, **kwargs):
+    if name in ('spacy', 'nltk'):
+      raise ImportError(f'No module named {name!r}')
+    return real_import(name, *args, **kwargs)
+
+  aro.official_backend.cache_clear()
+  monkeypatch.setattr(builtins, '__import__', no_nlp)
+  with pytest.raises(aro.PerturbationBackendError) as e:
+    aro.TextShuffler(1)
+  msg = str(e.value)
+  assert '\n' not in msg and 'spaCy and NLTK' in msg and "pip install 'nas_jax[aro]'" in msg
+  assert 'en_core_web_sm' in msg and '--aro_perturbation fallback' in msg and '--aro_order_file' in msg
+  aro.official_backend.cache_clear()
+  with pytest.raises(ValueError, match='official or fallback'):
+    aro.TextShuffler(1, backend='auto')
 
 
 def test_perturbations_are_token_permutations():
@@ -170,11 +247,20 @@ def test_order_generated_from_karpathy_json(samples_dir, tmp_path):
   root, records = _coco_dir(samples_dir, tmp_path)
   originals = {common.aro_pre_caption(c, 30) for r in records for c in r['caption']}
   res = aro.evaluate(str(tmp_path), common.TableScorer(lambda ref, t: float(t in originals)),
-                     tasks=('coco_order',), seeds=(1, 2), backend='fallback')
-  assert res.headline == {'COCO-Order': 100.0}
+                     tasks=('coco_order',), seeds=(1, 2), backend='fallback',
+                     scores_dir=str(tmp_path / 'scores'))
+  assert res.headline == {'COCO-Order (fallback tagger)': 100.0}  # The fallback is named.
+  assert 'APPROXIMATE' in res.protocol['COCO-Order (fallback tagger) perturbations']
   runs = res.details['coco_order']['runs']
   assert set(runs) == {'seed 1', 'seed 2'} and runs['seed 1']['cases'] == 31
   assert 'fallback' in runs['seed 1']['perturbations']
+  # Per seed: the score array [31, 1, 5] and the generated cases, reusable as --aro_order_file.
+  assert np.load(runs['seed 2']['score_file']).shape == (31, 1, 5)
+  assert runs['seed 2']['score_file'].endswith('COCO_Order--None--None--nas_jax--2--si2t.npy')
+  again, _ = aro.evaluate_order('coco_order', str(tmp_path),
+                                common.TableScorer(lambda ref, t: float(t in originals)),
+                                order_files=[runs['seed 2']['cases_file']])
+  assert again == 100.0
   cases, _ = aro.order_cases(records, 1, 'fallback')
   unchanged = sum(all(o == c['caption_options'][0] for o in c['caption_options']) for c in cases)
   value, _ = aro.evaluate_order('coco_order', str(tmp_path),

@@ -10,23 +10,46 @@ from PIL import Image
 from nas_jax.benchmarks import common, retrieval
 
 
-def _brute_force(s_i2t, s_t2i, img2txt, txt2img):
-  """Python-loop reference: sort descending with ties put before the ground truth (ties count
-  against it); rank = position of the first ground-truth item."""
-  def rank(row, gts):
-    order = sorted(range(len(row)), key=lambda j: (-row[j], j in gts))
-    return min(order.index(g) for g in gts)
-  ri = [rank(list(s_i2t[i]), set(gts)) for i, gts in enumerate(img2txt)]
-  rt = [rank(list(s_t2i[t]), {txt2img[t]}) for t in range(len(txt2img))]
-  out = {}
-  for k in (1, 5, 10):
-    out[f'txt_r{k}'] = 100 * sum(r < k for r in ri) / len(ri)
-    out[f'img_r{k}'] = 100 * sum(r < k for r in rt) / len(rt)
+def _albef_itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
+  """ALBEF Retrieval.py `itm_eval`, transcribed statement by statement (the official rule)."""
+  ranks = np.zeros(scores_i2t.shape[0])
+  for index, score in enumerate(scores_i2t):
+    inds = np.argsort(score)[::-1]
+    rank = 1e20
+    for i in img2txt[index]:
+      tmp = np.where(inds == i)[0][0]
+      if tmp < rank:
+        rank = tmp
+    ranks[index] = rank
+  out = {f'txt_r{k}': 100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)}
+  ranks = np.zeros(scores_t2i.shape[0])
+  for index, score in enumerate(scores_t2i):
+    inds = np.argsort(score)[::-1]
+    ranks[index] = np.where(inds == txt2img[index])[0][0]
+  out.update({f'img_r{k}': 100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)})
+  return out
+
+
+def _numpy_orders(row, order):
+  """The hand cases below were built from what `np.argsort(row)[::-1]` gives with numpy 2.5 on an
+  x86-64 AVX2 CPU (this project's CI). numpy's default sort is not stable: another numpy or CPU
+  (e.g. AVX-512 sorting networks) may order ties otherwise, and then ALBEF's own numbers differ."""
+  got = np.argsort(np.asarray(row, np.float32))[::-1].tolist()
+  if got != order:
+    pytest.skip(f'numpy orders these ties as {got} here, not {order}: the hand case does not apply')
+
+
+def _shortlist(s, k):
+  out = np.full_like(s, retrieval.NO_CANDIDATE)
+  top = retrieval.topk_indices(s, k)
+  np.put_along_axis(out, top, np.take_along_axis(s, top, axis=1), axis=1)
   return out
 
 
 @pytest.mark.parametrize('seed', range(4))
-def test_recall_equals_brute_force(seed):
+def test_recall_equals_albef_itm_eval(seed):
+  """Random, coarse (heavily tied) and shortlisted (k = 3, the rest -100) score matrices: every
+  recall equals itm_eval's, bit for bit, ties included."""
   rng = np.random.default_rng(seed)
   n_img = 23
   counts = rng.integers(1, 7, n_img)
@@ -37,12 +60,15 @@ def test_recall_equals_brute_force(seed):
     t += c
   s_i2t = rng.normal(size=(n_img, t)).astype(np.float32)
   s_t2i = rng.normal(size=(t, n_img)).astype(np.float32)
-  if seed % 2:  # Coarse scores: many ties, as with ALBEF's -100 fill.
+  if seed % 2:
     s_i2t, s_t2i = np.round(s_i2t), np.round(s_t2i)
+  if seed >= 2:  # Shortlists of k = 3 < 10, the rest -100 as ALBEF fills them.
+    s_i2t = _shortlist(s_i2t, 3)
+    s_t2i = _shortlist(s_t2i, 3)
   m = retrieval.recall_metrics(s_i2t, s_t2i, img2txt, np.asarray(txt2img))
-  ref = _brute_force(s_i2t, s_t2i, img2txt, txt2img)
+  ref = _albef_itm_eval(s_i2t, s_t2i, txt2img, img2txt)
   for k, v in ref.items():
-    assert m[k] == pytest.approx(v), k
+    assert m[k] == v, k
   assert m['r_mean'] == pytest.approx(np.mean([ref[k] for k in ref]))
 
 
@@ -51,13 +77,42 @@ def test_recall_hand_case():
   txt2img = np.array([0, 0, 1, 2, 2])
   s_i2t = np.array([[.1, .9, .5, .2, .3],    # best GT (text 1) ranks 0: hit
                     [.9, .1, .5, .8, .2],    # GT text 2 ranks 2
-                    [.5, .5, .5, .5, .5]])   # all tied: 3 non-GT texts >= the best GT -> rank 3
-  s_t2i = np.array([[.9, .1, .2], [.1, .9, .2], [.3, .6, .6], [0, 0, 1], [1, 0, 0]])
+                    [.5, .4, .3, .2, .1]],   # GT texts 3, 4 rank 3 and 4 -> 3
+                   np.float32)
+  s_t2i = np.array([[.9, .1, .2], [.1, .9, .2], [.3, .6, .5], [0, .1, 1], [1, 0, .5]], np.float32)
   assert retrieval.i2t_ranks(s_i2t, img2txt).tolist() == [0, 2, 3]
-  assert retrieval.t2i_ranks(s_t2i, txt2img).tolist() == [0, 2, 1, 0, 2]
+  assert retrieval.t2i_ranks(s_t2i, txt2img).tolist() == [0, 2, 0, 0, 1]
   m = retrieval.recall_metrics(s_i2t, s_t2i, img2txt, txt2img)
-  assert m['txt_r1'] == pytest.approx(100 / 3) and m['txt_r5'] == 100.0
-  assert m['img_r1'] == 40.0 and m['img_r5'] == 100.0
+  assert m['txt_r1'] == 100 / 3 and m['txt_r5'] == 100.0
+  assert m['img_r1'] == 60.0 and m['img_r5'] == 100.0
+
+
+def test_ties_are_ordered_as_numpy_sorts_them():
+  """Two equal scores: argsort keeps them in index order, `[::-1]` puts the later column first, so
+  a ground truth in the later column wins the tie (rank 0) and one in the earlier column loses it
+  (rank 1); counting every tie against the ground truth would give 1 for both."""
+  row = [.5, .5]
+  _numpy_orders(row, [1, 0])
+  assert retrieval.albef_rank(np.float32(row), [1]) == 0
+  assert retrieval.albef_rank(np.float32(row), [0]) == 1
+  m = retrieval.recall_metrics(np.float32([row, row]), np.float32([[1, 0], [1, 0]]), [[1], [0]],
+                               np.array([0, 0]))
+  assert m['txt_r1'] == 50.0
+
+
+def test_shortlist_smaller_than_10_ties_at_minus_100():
+  """k_test = 3 of 12 texts: the other 9 hold -100 and a ground truth outside the shortlist is
+  ranked among them in numpy's order (here 11 8 9 10 7 3 2 1 0 after the shortlist 4 5 6). Text 11
+  thus ranks 3 (inside R@5), text 10 ranks 6 (inside R@10), text 0 ranks 11; counting ties against
+  the ground truth would put all three at 11."""
+  row = np.full(12, retrieval.NO_CANDIDATE, np.float32)
+  row[[4, 5, 6]] = [2.0, 1.5, 1.0]            # The re-ranked shortlist.
+  _numpy_orders(row, [4, 5, 6, 11, 8, 9, 10, 7, 3, 2, 1, 0])
+  assert [retrieval.albef_rank(row, [t]) for t in (11, 10, 0)] == [3, 6, 11]
+  assert retrieval.albef_rank(row, [0, 10]) == 6
+  m = retrieval.recall_metrics(np.stack([row] * 3), np.zeros((12, 3), np.float32),
+                               [[11], [10], [0]], np.zeros(12, np.int64))
+  assert (m['txt_r1'], m['txt_r5'], m['txt_r10']) == (0.0, 100 / 3, 200 / 3)
 
 
 def test_topk_indices():
@@ -103,7 +158,8 @@ def test_pipeline_shortlist_rerank_multicaption(samples_dir, tmp_path):
   # tie with 25 non-GT texts -> missed at 1/5/10. Text 5's shortlist is image 0 (ITM 0 > -100); its own
   # image is -100, tied with 4 others -> rank 5: missed at 1 and 5, found at 10.
   scorer = _scorer(root, records)
-  res = retrieval.evaluate('retrieval_coco', str(tmp_path), scorer, k=1)
+  res = retrieval.evaluate('retrieval_coco', str(tmp_path), scorer, k=1,
+                           scores_dir=str(tmp_path / 'scores'))
   h = res.headline
   assert (h['TR@1'], h['TR@5'], h['TR@10']) == pytest.approx((500 / 6, 500 / 6, 500 / 6))
   assert (h['IR@1'], h['IR@5'], h['IR@10']) == pytest.approx((3000 / 31, 3000 / 31, 100.0))
@@ -114,6 +170,14 @@ def test_pipeline_shortlist_rerank_multicaption(samples_dir, tmp_path):
   assert itc['txt_r1'] == pytest.approx(500 / 6) and itc['txt_r5'] == 100.0
   assert itc['img_r1'] == pytest.approx(3000 / 31)  # Text 5: image 0 (0.894) above image 1 (0.447).
   assert set(scorer.image_sizes.values()) == {(6, 4)}
+  # The score file holds ALBEF's two matrices: itm_eval on them gives the same recalls.
+  with np.load(res.details['score_file']) as f:
+    i2t, t2i, txt2img = f['score_matrix_i2t'], f['score_matrix_t2i'], f['txt2img']
+  assert i2t.dtype == t2i.dtype == np.float32 and i2t.shape == (6, 31) and t2i.shape == (31, 6)
+  assert np.sum(i2t != retrieval.NO_CANDIDATE) == 6 and np.sum(t2i != retrieval.NO_CANDIDATE) == 31
+  img2txt = [np.flatnonzero(txt2img == i) for i in range(6)]
+  ref = _albef_itm_eval(i2t, t2i, txt2img, img2txt)
+  assert ref == {k: res.details['recall'][k] for k in ref}
 
   # k = all: ITM re-ranks everything; raw l1 (ALBEF) puts every ground truth first (2 > 0).
   res = retrieval.evaluate('retrieval_coco', str(tmp_path), _scorer(root, records), k=64)

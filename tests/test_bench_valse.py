@@ -45,8 +45,9 @@ def test_reader_keeps_only_valid_records(samples_dir):
 
 
 def test_fixture_accuracies_columns_averages(samples_dir, tmp_path):
-  """Caption scores 1.0; in every file the first 5 valid foils score 0 (right), the 6th ties at
-  1.0 (wrong: strict >), the rest 2.0 (wrong). So correct = 5 in every file."""
+  """ITM logits (0, v): captions v = 1; in every file the first 5 valid foils v = -1 (right), the
+  6th ties at 1 (wrong: strict >), the rest 2 (wrong). So correct = 5 in every file. (No foil has
+  v = 0, i.e. l0 == l1, which the VALSE script would skip: test_skip_rule covers that.)"""
   root = _valse_dir(samples_dir, tmp_path)
   table = {}
   for stem in valse.STEMS:
@@ -54,12 +55,12 @@ def test_fixture_accuracies_columns_averages(samples_dir, tmp_path):
     for k, r in enumerate(valid):
       ref = common.ImageRef(str(root / 'images' / r['image_file']))
       cap, foil = (common.albef_pre_caption(r[t], 40) for t in ('caption', 'foil'))
-      foil_score = 0.0 if k < 5 else 1.0 if k == 5 else 2.0
+      foil_score = -1.0 if k < 5 else 1.0 if k == 5 else 2.0
       for key, v in (((ref, cap), 1.0), ((ref, foil), foil_score)):
         assert table.get(key, v) == v, f'fixture conflict on {key}'
         table[key] = v
   scorer = common.TableScorer(table, load_images=True)  # Invalid records are not in the table.
-  res = valse.evaluate(str(root), scorer)
+  res = valse.evaluate(str(root), scorer, scores_dir=str(tmp_path / 'scores'))
   assert scorer.calls == [('itm', 2 * sum(SAMPLE_VALID.values()))]  # One batched call.
   acc = {s: 100 * 5 / n for s, n in SAMPLE_VALID.items()}
   for s in valse.STEMS:
@@ -76,9 +77,23 @@ def test_fixture_accuracies_columns_averages(samples_dir, tmp_path):
   assert list(h) == list(valse.PIECES) + ['Avg', 'Avg 7-col', 'Pooled']
   assert res.details['official_counts'] is False  # Samples, not the 7,702 valid records.
   assert sum(valse.OFFICIAL_VALID.values()) == 7702
-  # Binary decisions: every caption has l1 - l0 = 1 > 0; foils <= 0 only for the first 5.
+  assert res.details['skipped'] == {s: 0 for s in valse.STEMS}
+  # Binary decisions: every caption has l0 < l1; foils l0 >= l1 only for the first 5.
   assert res.details['binary']['existence']['p_c'] == 100.0
   assert res.details['binary']['existence']['p_f'] == pytest.approx(500 / 9)
+  # The score file: Bugliarello et al.'s format, files in their order, ids over all records.
+  lines = [json.loads(l) for l in open(res.details['score_file'])]
+  assert len(lines) == 2 * sum(SAMPLE_VALID.values())
+  assert lines[0] == {'label': '0_c', 'score': float(np.float32(1 / (1 + np.exp(-1.0)))),
+                      'instrument': 'actant-swap', 'piece': 'actions', 'type': 'caption', 'id': 0,
+                      'logits': [0.0, 1.0]}
+  assert lines[1]['label'] == '0_f' and lines[1]['type'] == 'foil' and lines[1]['logits'] == [0.0, -1.0]
+  n_actant = len(_records(samples_dir, 'actant-swap'))
+  first_replacement = next(l for l in lines if l['instrument'] == 'action-replacement')
+  assert first_replacement['id'] == n_actant  # Running id: action-replacement follows actant-swap.
+  assert [l['instrument'] for l in lines[::2]] == sorted(l['instrument'] for l in lines[::2])
+  assert valse.counts_from_score_file(res.details['score_file']) == {
+      s: (5, SAMPLE_VALID[s]) for s in valse.STEMS}
 
 
 def test_albef_reference_scores(samples_dir, tmp_path):
@@ -106,6 +121,70 @@ def test_albef_reference_scores(samples_dir, tmp_path):
   assert res.details['correct'] == {'actant-swap': 5}
   assert res.details['acc_r']['actant-swap'] == pytest.approx(500 / 9)
   assert res.headline == {}  # One file: no full column or average.
+
+
+def _one_pair_dir(samples_dir, tmp_path):
+  """The actant-swap sample alone; returns (root, [(image ref, caption, foil)] of its valid pairs)."""
+  root = _valse_dir(samples_dir, tmp_path)
+  valid = [r for r in _records(samples_dir, 'actant-swap').values() if r['mturk']['caption'] >= 2]
+  return root, [(common.ImageRef(str(root / 'images' / r['image_file'])),
+                 common.albef_pre_caption(r['caption'], 40), common.albef_pre_caption(r['foil'], 40))
+                for r in valid]
+
+
+def test_skip_rule(samples_dir, tmp_path):
+  """lxmert_valse_eval.py skips a pair when the foil's two logits are equal
+  (`cross_score[1, 0] == cross_score[1, 1]`), whatever the caption scores. Hand cases on the 9 valid
+  actant-swap pairs, logits (l0, l1) of caption / foil:
+    0: (0, 2) / (1, 1)      skipped (would be right: P 0.88 > 0.5)
+    1: (0, 2) / (-3, -3)    skipped
+    2: (2, 2) / (0, 1)      counted; caption P 0.5 < foil 0.73: wrong; caption not a match (p_c)
+    3-8: (0, 2) / (0, -1)   counted, right
+  -> 6 of 7 counted right; with skip_rule='none' 8 of 9 (pairs 0 and 1 right)."""
+  root, pairs = _one_pair_dir(samples_dir, tmp_path)
+  assert len(pairs) == 9
+  logits = {0: ((0, 2), (1, 1)), 1: ((0, 2), (-3, -3)), 2: ((2, 2), (0, 1))}
+  table = {}
+  for k, (ref, cap, foil) in enumerate(pairs):
+    c, f = logits.get(k, ((0, 2), (0, -1)))
+    table[(ref, cap)], table[(ref, foil)] = c, f
+  res = valse.evaluate(str(root), common.TableScorer(table), stems=('actant-swap',),
+                       scores_dir=str(tmp_path / 'scores'))
+  assert res.details['correct'] == {'actant-swap': 6} and res.details['counted'] == {'actant-swap': 7}
+  assert res.details['skipped'] == {'actant-swap': 2} and res.details['valid'] == {'actant-swap': 9}
+  assert res.details['acc_r']['actant-swap'] == pytest.approx(600 / 7)
+  b = res.details['binary']['actant-swap']
+  assert (b['p_c'], b['p_f']) == pytest.approx((600 / 7, 600 / 7))
+  # The written logits let the rule be re-applied from the file.
+  assert valse.counts_from_score_file(res.details['score_file']) == {'actant-swap': (6, 7)}
+  assert valse.counts_from_score_file(res.details['score_file'], 'none') == {'actant-swap': (8, 9)}
+  none = valse.evaluate(str(root), common.TableScorer(table), stems=('actant-swap',), skip_rule='none')
+  assert none.details['correct'] == {'actant-swap': 8} and none.details['counted'] == {'actant-swap': 9}
+  # The raw match logit (the script's own acc_r comparison): pair 2 has l1 2 > 1: right, 7 of 7.
+  l1 = valse.evaluate(str(root), common.TableScorer(table), stems=('actant-swap',), mode='itm_l1')
+  assert l1.details['correct'] == {'actant-swap': 7}
+  # ITC scores have no logits: nothing can be skipped.
+  assert valse.skipped_pairs(None).tolist() == []
+  with pytest.raises(ValueError, match='skip rule'):
+    valse.evaluate(str(root), common.TableScorer(table), skip_rule='official')
+
+
+def test_softmax_saturation_makes_ties(samples_dir, tmp_path):
+  """float32 softmax P(match) is exactly 1.0 once l1 - l0 > ln(2^24) ~ 16.6: a caption at
+  (0, 20) and a foil at (0, 17) tie at P = 1.0, so the pair fails under the default 'itm_p' (as in
+  the published score files) and is right under 'itm' (l1 - l0: 20 > 17). At (0, 16) the foil's P
+  is 1 - 2^-23, still below the caption's."""
+  root, pairs = _one_pair_dir(samples_dir, tmp_path)
+  foil_logit = {0: 17.0, 1: 16.0}
+  table = {}
+  for k, (ref, cap, foil) in enumerate(pairs):
+    table[(ref, cap)], table[(ref, foil)] = (0.0, 20.0), (0.0, foil_logit.get(k, -5.0))
+  p = common.itm_probability(np.array([[0, 20], [0, 17], [0, 16]], np.float32))
+  assert p.tolist() == [1.0, 1.0, 1 - 2 ** -23]
+  res = valse.evaluate(str(root), common.TableScorer(table), stems=('actant-swap',))
+  assert res.protocol['score'] == 'itm_p' and res.details['correct'] == {'actant-swap': 8}
+  res = valse.evaluate(str(root), common.TableScorer(table), stems=('actant-swap',), mode='itm')
+  assert res.details['correct'] == {'actant-swap': 9}
 
 
 def test_published_albef_summary():

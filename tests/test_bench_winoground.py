@@ -18,6 +18,32 @@ def test_albef_4m_reference_scores(samples_dir):
   assert d['correct'] == {'text': 117, 'image': 62, 'group': 44}
 
 
+def _official_text_image_group(path):
+  """statistics/compute_statistics.py of the Winoground repository, transcribed: load_results and
+  the three *_correct functions, averaged as get_table_dict does."""
+  results = {}
+  for line in open(path, 'r').readlines():
+    score_dict = json.loads(line)
+    id, c, i = score_dict['label'].split('_')
+    scores = results.get(int(id), {})
+    scores['_'.join([c, i])] = score_dict['score']
+    results[int(id)] = scores
+  text = [r['c0_i0'] > r['c1_i0'] and r['c1_i1'] > r['c0_i1'] for r in results.values()]
+  image = [r['c0_i0'] > r['c0_i1'] and r['c1_i1'] > r['c1_i0'] for r in results.values()]
+  group = [t and i for t, i in zip(text, image)]
+  return [100 * float(np.mean(x)) for x in (text, image, group)]
+
+
+def test_score_file_is_the_official_format(samples_dir, tmp_path):
+  """Writing the ALBEF-4M scores back gives the published file line for line."""
+  ref = samples_dir / 'reference_outputs' / 'winoground_albef_4m_itm.scores.jsonl'
+  s = winoground.scores_from_file(str(ref))
+  out = winoground.write_score_file(str(tmp_path / 'w.jsonl'), [{'id': e} for e in range(400)],
+                                    s.astype(np.float32))
+  assert open(out).read().splitlines() == ref.read_text().splitlines()
+  assert _official_text_image_group(out) == pytest.approx([29.25, 15.5, 11.0])
+
+
 def test_clip_sample_by_hand(samples_dir):
   """First 4 examples of the official CLIP score file, checked by hand from its 16 numbers."""
   s = winoground.scores_from_file(str(samples_dir / 'Winoground' / 'model_scores_clip.sample.jsonl'))
@@ -69,7 +95,7 @@ def test_fixture_evaluate(samples_dir, tmp_path):
         ref = common.ImageRef(str(root / 'images' / f'{e[f"image_{i}"]}.png'))
         table[(ref, common.albef_pre_caption(e[f'caption_{c}'], 40))] = v
   scorer = common.TableScorer(table, load_images=True)
-  res = winoground.evaluate(str(root), scorer)
+  res = winoground.evaluate(str(root), scorer, scores_dir=str(tmp_path / 'scores'))
   n = len(examples)
   assert n == 14 and scorer.calls == [('itm', 4 * n)]
   assert res.headline == pytest.approx({'Text': 100 * 12 / n, 'Image': 100 * 11 / n,
@@ -78,6 +104,11 @@ def test_fixture_evaluate(samples_dir, tmp_path):
   both = res.details['subsets']['collapsed_tag=Both']
   assert both['n'] == 1 and both['text'] == both['image'] == both['group'] == 0.0
   assert res.details['subsets']['secondary_tag=Pragmatics']['group'] == 100.0
+  # The per-example file: the official scripts read it back to the same numbers.
+  assert _official_text_image_group(res.details['score_file']) == pytest.approx(
+      [res.headline['Text'], res.headline['Image'], res.headline['Group']])
+  first = json.loads(open(res.details['score_file']).readline())
+  assert first == {'label': '0_c0_i0', 'score': float(common.itm_probability(np.array([[0, 3.0]]))[0])}
   # ITC-only scoring uses the cosine of the features (here one-hot: right pairs 1, wrong 0).
   feats_img, feats_txt = {}, {}
   for e in examples:
@@ -88,6 +119,19 @@ def test_fixture_evaluate(samples_dir, tmp_path):
   res_itc = winoground.evaluate(str(root), common.TableScorer(itc_image=feats_img, itc_text=feats_txt),
                                 mode='itc')
   assert res_itc.headline == {'Text': 100.0, 'Image': 100.0, 'Group': 100.0}
+
+
+def test_saturated_probabilities_tie():
+  """Default score float32 P(match): logits (0, 20) and (0, 17) both give exactly 1.0, so an
+  example whose right pairs score 20 and wrong pairs 17 fails every score (strict >), while the
+  logit difference l1 - l0 gets it right. Equal logits give exactly 0.5."""
+  logits = np.array([[0, 20], [0, 17], [0, 17], [0, 20], [3, 3]], np.float32)
+  p = common.itm_probability(logits)
+  assert p.tolist() == [1.0, 1.0, 1.0, 1.0, 0.5]
+  c = winoground.scores_metric(p[:4].reshape(1, 2, 2))
+  assert not c['text'][0] and not c['image'][0]
+  c = winoground.scores_metric(common.scores_from_logits(logits[:4], 'itm').reshape(1, 2, 2))
+  assert c['text'][0] and c['image'][0] and c['group'][0]
 
 
 def test_missing_data_error(tmp_path):
@@ -107,3 +151,24 @@ def test_image_ref_errors_name_the_file(tmp_path):
     common.ImageRef()
   Image.new('RGB', (10, 8)).save(tmp_path / 'ok.png')
   assert common.ImageRef(str(tmp_path / 'ok.png'), box=(2, 1, 5, 4)).load().size == (5, 4)
+
+
+def test_itm_probability_matches_pytorch_softmax(run_torch):
+  """P(match) against `F.softmax(itm_logits)[0][1].item()` (the published files' pipeline) on
+  PyTorch's CPU kernel: the saturated 1.0s (which decide ties) and the exact 0.5 of equal logits
+  coincide; elsewhere the two differ by at most a few float32 ulps (their exp and division round
+  differently; PyTorch's CPU and GPU kernels differ from each other the same way)."""
+  rng = np.random.default_rng(0)
+  logits = np.concatenate([rng.normal(0, 8, (4000, 2)),
+                           [[0, 16], [0, 16.6], [0, 16.7], [0, 17], [0, 40], [3, 3], [-7, -7],
+                            [0, -90], [0, -200]]]).astype(np.float32)
+  ref = run_torch('''
+import sys, numpy as np, torch, torch.nn.functional as F
+x = np.load(sys.argv[1])['logits']
+p = [F.softmax(torch.from_numpy(r[None]), dim=-1)[0][1].item() for r in x]
+np.savez(sys.argv[2], p=np.asarray(p, np.float32))
+''', {'logits': logits})['p']
+  ours = common.itm_probability(logits)
+  assert np.array_equal(ours == 1.0, ref == 1.0) and (ours == 1.0).sum() > 100
+  assert ours[-4] == ref[-4] == 0.5 and ours[-3] == ref[-3] == 0.5
+  assert np.all(np.abs(ours - ref) <= 4 * np.spacing(np.maximum(ours, ref)))

@@ -1,5 +1,6 @@
-"""ARO (Yuksekgonul et al., ICLR 2023): VG-Relation, VG-Attribution, COCO-Order, Flickr30k-Order.
-FORMATS.md §2.
+"""ARO (Yuksekgonul et al., ICLR 2023): VG-Relation, VG-Attribution, COCO-Order, Flickr30k-Order,
+as the ARO repository (mertyg/vision-language-models-are-bows) scores them. docs/EVALUATION.md has
+the details.
 
 Data layout: `<data_dir>/aro/visual_genome_relation.json`, `visual_genome_attribution.json` and
 `images/` (vgr_vga_images.zip); the Order tasks read the Karpathy test json of
@@ -12,21 +13,22 @@ argmax is index 1, so a tie is wrong. VG-R = unweighted mean of per-relation acc
 relations not in `EXCLUDED_RELATIONS` (the authors' notebook list); VG-A = unweighted mean over
 attribute pairs with >= 25 cases. Captions are scored raw (no pre_caption), as the ARO loaders do.
 Order: options [original, 4 perturbations], all through ARO's pre_caption (max 30 words); correct
-iff the argmax is index 0, so a tie is right. Precision@1, micro, mean over seeds.
+iff the argmax is index 0, so a tie is right. Precision@1, micro, mean over seeds. With the default
+score (float32 softmax P(match)) confident pairs tie at 1.0, so these tie rules matter.
 
-Perturbations without spaCy / NLTK: the official generation tags tokens with spaCy en_core_web_sm
-and tokenises with NLTK word_tokenize; their models cannot be installed offline. When spaCy (with
-en_core_web_sm) or NLTK (with punkt) import and load, they are used; otherwise a fallback tokeniser
-(regex: words, punctuation, English clitics split as NLTK does) and a fallback tagger (closed-class
-word lists, an adjective lexicon plus suffix rules; every other alphabetic word is a noun) are used.
-The fallback shuffles roughly the same tokens, not exactly: the protocol in the result names the
-tagger used. For numbers comparable with published ones, generate the cases with the ARO repo and
-pass them as `order_files` (JSON list of {"image": path, "caption_options": [5 strings]}, i.e. the
-ARO dataset's `test_cases`, one file per seed).
+Perturbations: the official generation tags tokens with spaCy's en_core_web_sm and tokenises with
+NLTK's word_tokenize (the optional extra `nas_jax[aro]` plus their two models); without them the
+Order tasks stop with an error that says how to install them. Only when asked for
+(`backend='fallback'`) an approximate tokeniser (regex: words, punctuation, English clitics split as
+NLTK does) and tagger (closed-class word lists, an adjective lexicon plus suffix rules; every other
+alphabetic word is a noun) stand in; the result then names it in the table's column. Precomputed
+cases (`order_files`: JSON list of {"image": path, "caption_options": [5 strings]}, i.e. the ARO
+dataset's `test_cases`, one file per seed) need neither.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -43,6 +45,13 @@ SOURCE = ('github.com/mertyg/vision-language-models-are-bows: dataset_zoo/aro_da
           'visual_genome_relation.json, visual_genome_attribution.json and vgr_vga_images.zip '
           '(Google Drive ids in that file; unzip to images/)')
 TASKS = ('vg_relation', 'vg_attribution', 'coco_order', 'flickr_order')
+OFFICIAL_CASES = {'vg_relation': 23937, 'vg_attribution': 28748}  # Before the metric's filters.
+BACKENDS = ('official', 'fallback')
+# The ARO repo's dataset names (main_aro.py --dataset), used in the score files' names.
+ARO_DATASET = {'vg_relation': 'VG_Relation', 'vg_attribution': 'VG_Attribution',
+               'coco_order': 'COCO_Order', 'flickr_order': 'Flickr30k_Order'}
+INSTALL_HINT = ("pip install 'nas_jax[aro]' && python -m spacy download en_core_web_sm && "
+                "python -m nltk.downloader punkt punkt_tab")
 MIN_ATTRIBUTE_CASES = 25
 ORDER_MAX_WORDS = 30
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)  # ARO's seed_all(1) default, then 4 more (the authors averaged 5).
@@ -141,15 +150,19 @@ def vg_metric(task: str, groups: Sequence[str], scores: np.ndarray) -> tuple[flo
                  'micro': common.pct(correct.sum(), len(correct))}
 
 
-def evaluate_vg(task: str, root: str, scorer: common.Scorer, *, mode: str = 'itm',
-                max_tokens: int = 40, image_dir: str | None = None) -> tuple[float, dict]:
+def evaluate_vg(task: str, root: str, scorer: common.Scorer, *, mode: str = 'itm_p',
+                max_tokens: int = 40, image_dir: str | None = None,
+                scores_dir: str | None = None) -> tuple[float, dict]:
   path = common.require(f'{NAME}/{task}', os.path.join(root, VG_FILES[task]), SOURCE)
   cases = read_vg(path)
   image_dir = image_dir or os.path.join(root, 'images')
   common.require(f'{NAME}/{task}', image_dir, SOURCE, what='folder')
   images, texts = vg_pairs(cases, image_dir)
   scores = common.score_pairs(scorer, images, texts, mode, max_tokens=max_tokens).reshape(-1, 2)
-  return vg_metric(task, [vg_group(task, c) for c in cases], scores)
+  value, info = vg_metric(task, [vg_group(task, c) for c in cases], scores)
+  if scores_dir:
+    info['score_file'] = write_score_array(scores_dir, task, 1, scores)
+  return value, info
 
 
 # ---------------------------------------------------------------------------------------- perturbations
@@ -223,37 +236,58 @@ def fallback_tag(token: str) -> str:
   return 'NOUN'
 
 
+class PerturbationBackendError(RuntimeError):
+  """spaCy / NLTK or their models are missing for the official Order perturbations."""
+
+
+@functools.lru_cache(maxsize=1)
+def official_backend():
+  """(spaCy en_core_web_sm pipeline, nltk.word_tokenize), the tools of the ARO repo's TextShuffler;
+  raises PerturbationBackendError (one line saying what to install) when one is missing."""
+  missing = []
+  nlp = word_tokenize = None
+  try:
+    import spacy
+    nlp = spacy.load('en_core_web_sm')
+  except ImportError:
+    missing.append('spaCy')
+  except OSError:
+    missing.append("spaCy's model en_core_web_sm")
+  try:
+    import nltk
+    nltk.word_tokenize('a test.')
+    word_tokenize = nltk.word_tokenize
+  except ImportError:
+    missing.append('NLTK')
+  except LookupError:
+    missing.append("NLTK's punkt tokenizer data")
+  if missing:
+    raise PerturbationBackendError(
+        f'the ARO Order perturbations need {" and ".join(missing)}: {INSTALL_HINT} (or pass '
+        '--aro_order_file with precomputed cases, or --aro_perturbation fallback for an approximate '
+        'tagger whose numbers are not comparable with published ones)')
+  return nlp, word_tokenize
+
+
 class TextShuffler:
   """The four ARO Order perturbations with explicit RNGs (numpy for the POS-based ones, `random` for
-  the trigram ones, consumed in the official call order).
+  the trigram ones, consumed in the official call order: `seed_all(seed)` then the four functions
+  per caption).
 
-  backend: 'auto' (spaCy/NLTK when their models load, else the fallback), 'fallback', or 'official'
-  (raise if spaCy en_core_web_sm / NLTK punkt cannot be loaded).
+  backend: 'official' (spaCy en_core_web_sm tags, NLTK word_tokenize; PerturbationBackendError
+  when missing) or 'fallback' (the approximate tokeniser and tagger of this module).
   """
 
-  def __init__(self, seed: int, backend: str = 'auto'):
+  def __init__(self, seed: int, backend: str = 'official'):
+    if backend not in BACKENDS:
+      raise ValueError(f'unknown perturbation backend {backend!r}: use {" or ".join(BACKENDS)}')
     self.np_rng = np.random.RandomState(seed)
     self.rng = random.Random(seed)
     self.tagger, self.tokenizer = 'fallback', 'fallback'
     self._nlp = self._word_tokenize = None
-    if backend in ('auto', 'official'):
-      try:
-        import spacy
-        self._nlp = spacy.load('en_core_web_sm')
-        self.tagger = 'spacy en_core_web_sm'
-      except Exception:  # ImportError, OSError (model missing)
-        if backend == 'official':
-          raise RuntimeError('spaCy with en_core_web_sm is needed for the official ARO perturbations')
-      try:
-        import nltk
-        nltk.word_tokenize('a test.')
-        self._word_tokenize = nltk.word_tokenize
-        self.tokenizer = 'nltk word_tokenize'
-      except Exception:
-        if backend == 'official':
-          raise RuntimeError('NLTK with punkt is needed for the official ARO perturbations')
-    elif backend != 'fallback':
-      raise ValueError(f'unknown perturbation backend {backend!r}: auto, fallback or official')
+    if backend == 'official':
+      self._nlp, self._word_tokenize = official_backend()
+      self.tagger, self.tokenizer = 'spacy en_core_web_sm', 'nltk word_tokenize'
 
   def _tagged(self, text: str) -> tuple[np.ndarray, list[str]]:
     if self._nlp is not None:
@@ -303,7 +337,7 @@ class TextShuffler:
     return [common.aro_pre_caption(t, max_words) for t in [caption] + perturbed]
 
 
-def order_cases(annotation: list[dict], seed: int, backend: str = 'auto') -> tuple[list[dict], str]:
+def order_cases(annotation: list[dict], seed: int, backend: str = 'official') -> tuple[list[dict], str]:
   """ARO's Order test cases from a Karpathy test json: one per caption, in file order.
 
   Returns the cases ({"image", "caption_options"}) and a description of the tagger used."""
@@ -313,7 +347,7 @@ def order_cases(annotation: list[dict], seed: int, backend: str = 'auto') -> tup
   return cases, f'tagger: {shuffler.tagger}; tokenizer: {shuffler.tokenizer}'
 
 
-def write_order_file(annotation_path: str, out_path: str, seed: int, backend: str = 'auto') -> str:
+def write_order_file(annotation_path: str, out_path: str, seed: int, backend: str = 'official') -> str:
   """Writes the Order cases of one seed in the precomputed-file format; returns the tagger used."""
   with open(annotation_path) as f:
     cases, how = order_cases(json.load(f), seed, backend)
@@ -339,14 +373,32 @@ def order_metric(scores: np.ndarray) -> float:
   return common.pct(np.sum(np.argmax(np.asarray(scores), axis=1) == 0), len(scores))
 
 
-def evaluate_order(task: str, data_dir: str, scorer: common.Scorer, *, mode: str = 'itm',
+def score_file_name(task: str, seed: int | str) -> str:
+  """The ARO repo's save_scores name (`<dataset>--<text perturb>--<image perturb>--<model>--<seed>
+  --si2t`), as .npy: pickles written by numpy 2 do not load in the numpy 1.x of its environment."""
+  return f'{ARO_DATASET[task]}--None--None--nas_jax--{seed}--si2t.npy'
+
+
+def write_score_array(scores_dir: str, task: str, seed: int | str, scores: np.ndarray) -> str:
+  """Scores [C, O] as the ARO repo keeps them, float32 [C, 1 image option, O caption options]:
+  `dataset.evaluate_scores(np.load(path))` recomputes the task's records."""
+  path = os.path.join(scores_dir, 'aro', score_file_name(task, seed))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.save(path, np.asarray(scores, np.float32)[:, None, :])
+  return path
+
+
+def evaluate_order(task: str, data_dir: str, scorer: common.Scorer, *, mode: str = 'itm_p',
                    max_tokens: int = 40, seeds: Sequence[int] = DEFAULT_SEEDS,
-                   order_files: Sequence[str] = (), backend: str = 'auto') -> tuple[float, dict]:
+                   order_files: Sequence[str] = (), backend: str = 'official',
+                   scores_dir: str | None = None) -> tuple[float, dict]:
   """Precision@1 of COCO-Order ('coco_order') or Flickr30k-Order ('flickr_order'), mean over seeds
-  (or over the precomputed `order_files`)."""
+  (or over the precomputed `order_files`). With `scores_dir`, each run's score array and (for
+  generated runs) its cases go to `<scores_dir>/aro/`."""
   bench = 'retrieval_coco' if task == 'coco_order' else 'retrieval_flickr'
   if order_files:
-    runs = [(p, read_order_file(p), 'precomputed file') for p in dict.fromkeys(order_files)]
+    runs = [(p, k, read_order_file(p), 'precomputed file')
+            for k, p in enumerate(dict.fromkeys(order_files), 1)]
     image_root = os.path.join(data_dir, retrieval.LAYOUT[bench][0])
   else:
     try:
@@ -358,9 +410,9 @@ def evaluate_order(task: str, data_dir: str, scorer: common.Scorer, *, mode: str
     runs = []
     for seed in seeds:
       cases, how = order_cases(annotation, seed, backend)
-      runs.append((f'seed {seed}', cases, how))
+      runs.append((f'seed {seed}', seed, cases, how))
   per_run = {}
-  for label, cases, how in runs:
+  for label, seed, cases, how in runs:
     n_opt = len(cases[0]['caption_options'])
     images, texts = [], []
     for c in cases:
@@ -370,9 +422,16 @@ def evaluate_order(task: str, data_dir: str, scorer: common.Scorer, *, mode: str
         raise common.BenchmarkDataError(f'[{NAME}/{task}] {label}: cases have different option counts')
       images += [ref] * n_opt
       texts += opts
-    scores = common.score_pairs(scorer, images, texts, mode, max_tokens=max_tokens)
-    per_run[label] = {'precision_at_1': order_metric(scores.reshape(-1, n_opt)), 'cases': len(cases),
+    scores = common.score_pairs(scorer, images, texts, mode, max_tokens=max_tokens).reshape(-1, n_opt)
+    per_run[label] = {'precision_at_1': order_metric(scores), 'cases': len(cases),
                       'perturbations': how}
+    if scores_dir:
+      per_run[label]['score_file'] = write_score_array(scores_dir, task, seed, scores)
+      if how != 'precomputed file':
+        cases_path = os.path.join(scores_dir, 'aro', f'{ARO_DATASET[task]}--{seed}--test_cases.json')
+        with open(cases_path, 'w') as f:
+          json.dump(cases, f)
+        per_run[label]['cases_file'] = cases_path
   values = [r['precision_at_1'] for r in per_run.values()]
   return float(np.mean(values)), {'runs': per_run, 'std': float(np.std(values))}
 
@@ -381,39 +440,54 @@ def evaluate_order(task: str, data_dir: str, scorer: common.Scorer, *, mode: str
 
 HEADLINE = {'vg_relation': 'Relation', 'vg_attribution': 'Attribute', 'coco_order': 'COCO-Order',
             'flickr_order': 'Flickr-Order'}
+FALLBACK_MARK = ' (fallback tagger)'  # Appended to an Order column scored with the fallback.
 
 
-def evaluate(data_dir: str, scorer: common.Scorer, *, mode: str = 'itm', max_tokens: int = 40,
+def evaluate(data_dir: str, scorer: common.Scorer, *, mode: str = 'itm_p', max_tokens: int = 40,
              tasks: Sequence[str] = TASKS, seeds: Sequence[int] = DEFAULT_SEEDS,
              order_files: dict[str, Sequence[str]] | None = None,
-             backend: str = 'auto') -> common.BenchResult:
-  """The ARO tasks in `tasks`; 'Avg' = mean of Relation and Attribute (the paper's ARO Avg)."""
+             backend: str = 'official', scores_dir: str | None = None) -> common.BenchResult:
+  """The ARO tasks in `tasks`; 'Avg' = mean of Relation and Attribute (the paper's ARO Avg).
+  An Order task generated with the fallback tagger is headed '<task> (fallback tagger)'."""
   common.check_mode(mode)
   unknown = [t for t in tasks if t not in TASKS]
   if unknown:
     raise ValueError(f'unknown ARO task(s) {unknown}: use {", ".join(TASKS)}')
+  if backend not in BACKENDS:
+    raise ValueError(f'unknown perturbation backend {backend!r}: use {" or ".join(BACKENDS)}')
   root = os.path.join(data_dir, 'aro')
   headline, details, tables = {}, {}, {}
+  perturbations = {}
   for task in tasks:
+    column = HEADLINE[task]
     if task.startswith('vg_'):
-      value, info = evaluate_vg(task, root, scorer, mode=mode, max_tokens=max_tokens)
+      value, info = evaluate_vg(task, root, scorer, mode=mode, max_tokens=max_tokens,
+                                scores_dir=scores_dir)
       unit = 'relation' if task == 'vg_relation' else 'attribute pair'
-      tables[f'ARO {HEADLINE[task]}: per {unit} (counts logged for filtering)'] = (
+      tables[f'ARO {column}: per {unit} (counts logged for filtering)'] = (
           [unit, 'n', 'correct', 'acc', 'in macro'],
           [[g, v['n'], v['correct'], v['acc'], 'yes' if g in info['kept'] else 'no']
            for g, v in info['per_group'].items()])
     else:
+      files = (order_files or {}).get(task, ())
       value, info = evaluate_order(task, data_dir, scorer, mode=mode, max_tokens=max_tokens,
-                                   seeds=seeds, order_files=(order_files or {}).get(task, ()),
-                                   backend=backend)
-    headline[HEADLINE[task]] = value
+                                   seeds=seeds, order_files=files, backend=backend,
+                                   scores_dir=scores_dir)
+      if not files and backend == 'fallback':
+        column += FALLBACK_MARK
+      perturbations[column] = 'precomputed files' if files else (
+          'spaCy en_core_web_sm + NLTK word_tokenize' if backend == 'official'
+          else 'APPROXIMATE fallback tagger, not comparable with published numbers')
+    headline[column] = value
     details[task] = info
   if 'Relation' in headline and 'Attribute' in headline:
     headline['Avg'] = (headline['Relation'] + headline['Attribute']) / 2
-  return common.BenchResult(
-      name=NAME, headline=headline, tables=tables, details=details,
-      protocol={'score': mode, 'max_tokens': max_tokens, 'vg options': '[false, true], tie = wrong',
-                'order options': '[original, 4 perturbations], tie = right',
-                'order text': f'ARO pre_caption, max {ORDER_MAX_WORDS} words',
-                'vg text': 'raw captions', 'seeds': list(seeds),
-                'Avg': 'mean of Relation and Attribute'})
+  protocol = {'score': mode, 'max_tokens': max_tokens, 'vg options': '[false, true], tie = wrong',
+              'order options': '[original, 4 perturbations], tie = right',
+              'order text': f'ARO pre_caption, max {ORDER_MAX_WORDS} words',
+              'vg text': 'raw captions', 'seeds': list(seeds),
+              'Avg': 'mean of Relation and Attribute'}
+  for column, how in perturbations.items():
+    protocol[f'{column} perturbations'] = how
+  return common.BenchResult(name=NAME, headline=headline, tables=tables, details=details,
+                            protocol=protocol)

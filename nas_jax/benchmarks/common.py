@@ -1,27 +1,31 @@
 """What every benchmark shares: image references, the scorer protocol, score modes, text cleaning,
-missing-data errors.
+missing-data errors. docs/EVALUATION.md describes every benchmark's files, rules and options.
 
 A benchmark module reads its official files, builds flat lists of (image, text) pairs, asks a
 `Scorer` for their scores in one call (so the scorer can batch, jit and encode each image once),
 and computes the official metric from the returned numbers. Benchmarks never see a model.
 
-Score modes (FORMATS.md §0; `l0, l1` = ITM logits, index 1 = match, `s_itc` = ITC cosine):
-  'itm'      l1 - l0      ranks like the softmax P(match) of Bugliarello et al., without saturation
-  'itm_l1'   l1           raw match logit: ALBEF Retrieval.py's re-ranking score
-  'itc'      s_itc        cosine of the normalised 256-d projections (no temperature)
-  'itm+itc'  l1 + s_itc   the ARO repo's BLIP/X-VLM wrappers and LAVIS' retrieval
+Score modes (`l0, l1` = ITM logits, index 1 = match, `s_itc` = ITC cosine):
+  'itm_p'    softmax(l)[1] in float32   P(match), the score of the published per-example files
+                                        (Bugliarello et al.); saturates to 1.0 (ties) on confident pairs
+  'itm'      l1 - l0                    ranks like P(match) without saturation
+  'itm_l1'   l1                         raw match logit: ALBEF Retrieval.py's re-ranking score
+  'itc'      s_itc                      cosine of the normalised 256-d projections (no temperature)
+  'itm+itc'  l1 + s_itc                 the ARO repo's BLIP/X-VLM wrappers and LAVIS' retrieval
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-SCORE_MODES = ('itm', 'itm_l1', 'itc', 'itm+itc')
+SCORE_MODES = ('itm_p', 'itm', 'itm_l1', 'itc', 'itm+itc')
+LOGIT_MODES = ('itm_p', 'itm', 'itm_l1')  # Functions of the two ITM logits alone.
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -55,10 +59,11 @@ class ImageRef:
     try:
       image = Image.open(self.path).convert('RGB')
     except FileNotFoundError:
-      raise FileNotFoundError(f'image {self.path} does not exist (check --data_dir and the '
-                              'image folder layout in nas_jax/eval.py)') from None
+      raise BenchmarkDataError(f'image {self.path} does not exist: check --data_dir against the '
+                               'layout printed by `python -m nas_jax.eval --help`') from None
     except OSError as e:  # PIL.UnidentifiedImageError, truncated files.
-      raise OSError(f'image {self.path} cannot be read ({e}): re-download or replace it') from None
+      raise BenchmarkDataError(f'image {self.path} cannot be read ({e}): re-download or replace '
+                               'it') from None
     if self.box is not None:
       x, y, w, h = self.box
       image = image.crop((x, y, x + w, y + h))
@@ -94,8 +99,37 @@ class ScorerBase:
   """Derives `itm_scores` from `itm_logits` (subclasses implement the other two methods)."""
 
   def itm_scores(self, images, texts, *, max_tokens=None) -> np.ndarray:
-    logits = np.asarray(self.itm_logits(images, texts, max_tokens=max_tokens), np.float32)
+    return scores_from_logits(self.itm_logits(images, texts, max_tokens=max_tokens), 'itm')
+
+
+def itm_probability(logits: np.ndarray) -> np.ndarray:
+  """P(match) = softmax(l)[1] of ITM logits [P, 2], computed in float32 as PyTorch's softmax does
+  (exp of the max-shifted logits over their sum): float32 [P].
+
+  This is the score of the published per-example files (`F.softmax(itm_logits)[0][1].item()` in
+  Bugliarello et al.'s ALBEF scripts). It saturates: when l1 - l0 > ln(2^24) ~ 16.6, exp(l0 - l1)
+  vanishes next to 1 in float32 and P is exactly 1.0, so confident pairs tie; equal logits give
+  exactly 0.5. Those values match PyTorch's bit for bit; others can differ from PyTorch's CPU or GPU
+  kernels by a few float32 ulps (exp and division round differently), as those kernels do among
+  themselves.
+  """
+  logits = np.asarray(logits, np.float32).reshape(-1, 2)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  e = np.exp(shifted)
+  return (e[:, 1] / (e[:, 0] + e[:, 1])).astype(np.float32)
+
+
+def scores_from_logits(logits: np.ndarray, mode: str) -> np.ndarray:
+  """Pair scores [P] of a score mode that depends on the ITM logits [P, 2] alone (LOGIT_MODES)."""
+  logits = np.asarray(logits, np.float32).reshape(-1, 2)
+  if mode == 'itm_p':
+    return itm_probability(logits)
+  if mode == 'itm':
     return logits[:, 1] - logits[:, 0]
+  if mode == 'itm_l1':
+    return logits[:, 1].copy()
+  raise ValueError(f'score mode {mode!r} is not a function of the ITM logits: use one of '
+                   f'{", ".join(LOGIT_MODES)}')
 
 
 def check_mode(mode: str) -> str:
@@ -123,28 +157,35 @@ def itc_pair_scores(scorer: Scorer, images: Sequence[ImageRef], texts: Sequence[
   return np.einsum('pd,pd->p', fi[img_idx], ft[txt_idx]).astype(np.float32)
 
 
-def score_pairs(scorer: Scorer, images: Sequence[ImageRef], texts: Sequence[str], mode: str = 'itm',
-                *, max_tokens: int | None = None) -> np.ndarray:
-  """Score of each pair (images[i], texts[i]) under `mode` (see module docstring): float32 [P]."""
+def score_pairs_and_logits(scorer: Scorer, images: Sequence[ImageRef], texts: Sequence[str],
+                           mode: str = 'itm_p', *, max_tokens: int | None = None
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Score of each pair (images[i], texts[i]) under `mode` (module docstring): float32 [P], and the
+  ITM logits [P, 2] they came from (None for 'itc'). Official rules that look at the logits
+  themselves (VALSE's skip rule and p_c / p_f) need both."""
   check_mode(mode)
   if len(images) != len(texts):
     raise ValueError(f'{len(images)} images but {len(texts)} texts: pairs must align')
   if not len(images):
-    return np.zeros((0,), np.float32)
+    return np.zeros((0,), np.float32), (None if mode == 'itc' else np.zeros((0, 2), np.float32))
   if mode == 'itc':
-    return itc_pair_scores(scorer, images, texts, max_tokens=max_tokens)
-  if mode == 'itm':
-    return np.asarray(scorer.itm_scores(images, texts, max_tokens=max_tokens), np.float32)
-  l1 = np.asarray(scorer.itm_logits(images, texts, max_tokens=max_tokens), np.float32)[:, 1]
-  if mode == 'itm_l1':
-    return l1
-  return l1 + itc_pair_scores(scorer, images, texts, max_tokens=max_tokens)
+    return itc_pair_scores(scorer, images, texts, max_tokens=max_tokens), None
+  logits = np.asarray(scorer.itm_logits(images, texts, max_tokens=max_tokens), np.float32)
+  if mode in LOGIT_MODES:
+    return scores_from_logits(logits, mode), logits
+  return logits[:, 1] + itc_pair_scores(scorer, images, texts, max_tokens=max_tokens), logits
+
+
+def score_pairs(scorer: Scorer, images: Sequence[ImageRef], texts: Sequence[str],
+                mode: str = 'itm_p', *, max_tokens: int | None = None) -> np.ndarray:
+  """Score of each pair (images[i], texts[i]) under `mode` (see module docstring): float32 [P]."""
+  return score_pairs_and_logits(scorer, images, texts, mode, max_tokens=max_tokens)[0]
 
 
 # ---------------------------------------------------------------------------------------- text
 
 def albef_pre_caption(caption: str, max_words: int) -> str:
-  """ALBEF's `pre_caption` (FORMATS.md §7), shared with training."""
+  """ALBEF's `pre_caption` (dataset/utils.py), shared with training."""
   from nas_jax.data.text import pre_caption
   return pre_caption(caption, max_words)
 
@@ -154,7 +195,7 @@ _SPACES = re.compile(r'\s{2,}')
 
 
 def aro_pre_caption(caption: str, max_words: int = 30) -> str:
-  """ARO/BLIP `pre_caption` for the Order tasks (FORMATS.md §7).
+  """ARO/BLIP `pre_caption` for the Order tasks (dataset_zoo/retrieval.py of the ARO repo).
 
   Lower-case; replace . ! " ( ) * # : ; ~ with a space (commas, apostrophes, ?, - and / stay);
   collapse whitespace; strip; keep the first `max_words` words.
@@ -175,16 +216,25 @@ def identity_text(caption: str, max_words: int = 0) -> str:
 # ---------------------------------------------------------------------------------------- files
 
 class BenchmarkDataError(FileNotFoundError):
-  """A benchmark's official file is missing or malformed."""
+  """A benchmark's official file (or one of its images) is missing or malformed."""
 
 
 def require(benchmark: str, path: str, source: str, what: str = 'file') -> str:
-  """Returns `path` if it exists, else raises an error naming the benchmark, the path and the source."""
+  """Returns `path` if it exists, else raises a one-line error naming the benchmark, the path, the
+  official source and where the layout is described."""
   exists = os.path.isdir(path) if what == 'folder' else os.path.isfile(path)
   if not exists:
     raise BenchmarkDataError(
-        f'[{benchmark}] {what} not found: {path}\n  The official data comes from: {source}\n'
-        f'  Put it under --data_dir as described in nas_jax/eval.py (or pass the right --data_dir).')
+        f'[{benchmark}] {what} not found: {path}; get it from {source} and place it as '
+        '`python -m nas_jax.eval --help` shows, or fix --data_dir')
+  return path
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> str:
+  """Writes one JSON object per line (the per-example score files); returns `path`."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in rows))
   return path
 
 

@@ -1,14 +1,18 @@
-"""Image-text retrieval, COCO 5K test and Flickr30K 1K test, ALBEF's protocol. FORMATS.md §4.
+"""Image-text retrieval, COCO 5K test and Flickr30K 1K test, as ALBEF's Retrieval.py scores it.
+docs/EVALUATION.md describes the files, the rules and the score files written.
 
 Data layout: COCO `<data_dir>/coco/coco_test.json` (ALBEF `data.tar.gz`; BLIP's
 `coco_karpathy_test.json` is the same) with the images under `<data_dir>/coco/val2014/`; Flickr30K
 `<data_dir>/flickr30k/flickr30k_test.json` with `<data_dir>/flickr30k/flickr30k-images/`.
 
-Protocol (ALBEF Retrieval.py): ITC cosine similarity image x text; for each image the top-k texts
-(k = 256 COCO, 128 Flickr) and for each text the top-k images are re-scored by the ITM head (raw
-match logit l1, `mode='itm_l1'`, or any other score mode); every other entry is -100. The i2t rank of
-an image is the best rank among its ground-truth captions; the t2i rank of a caption is the rank of
-its image. R@K = % with rank < K.
+Protocol (ALBEF `evaluation` + `itm_eval`): ITC cosine similarity image x text; for each image the
+top-k texts (k = 256 COCO, 128 Flickr) and for each text the top-k images are re-scored by the ITM
+head (raw match logit l1, `mode='itm_l1'`, or any other score mode); every other entry is -100.
+Ranks are positions in `np.argsort(score)[::-1]` of each row, exactly as `itm_eval` computes them:
+the i2t rank of an image is the best position among its ground-truth captions, the t2i rank of a
+caption the position of its image; R@K = % with rank < K. Equal scores (identical caption strings,
+the -100 of every non-candidate) are ordered as numpy's default sort leaves them, not against the
+ground truth.
 """
 
 from __future__ import annotations
@@ -68,42 +72,38 @@ def read_split(path: str, name: str = 'retrieval') -> tuple[list[str], list[str]
 
 # ---------------------------------------------------------------------------------------- metric
 
+def albef_rank(row: np.ndarray, targets) -> int:
+  """ALBEF itm_eval's rank of one score row: the smallest position of any of `targets` in
+  `np.argsort(row)[::-1]`. numpy's default sort is not stable, so among equal scores the order is
+  numpy's (for rows of <= 16 entries an insertion sort: the larger column index first)."""
+  inds = np.argsort(row)[::-1]
+  position = np.empty(len(inds), np.int64)
+  position[inds] = np.arange(len(inds))
+  return int(position[np.asarray(targets, np.int64)].min())
+
+
 def i2t_ranks(scores_i2t: np.ndarray, img2txt: Sequence[Sequence[int]]) -> np.ndarray:
-  """scores [N_img, N_txt] -> [N_img] best (smallest) rank among each image's captions.
-
-  ALBEF takes the best position of any ground-truth caption in `np.argsort(score)[::-1]`, whose
-  order among equal scores is arbitrary. Here ties are resolved against the ground truth (as strict
-  `>` elsewhere): the rank is the number of non-ground-truth texts scoring >= the best ground-truth
-  caption. Row by row, so COCO's 5,000 x 25,010 matrix needs no second copy.
-  """
-  scores_i2t = np.asarray(scores_i2t)
-  ranks = np.empty(len(scores_i2t), np.int64)
-  for i, row in enumerate(scores_i2t):
-    gt = np.asarray(img2txt[i], np.int64)
-    best = row[gt].max()
-    ranks[i] = np.sum(row >= best) - np.sum(row[gt] >= best)
-  return ranks
+  """scores [N_img, N_txt] -> [N_img] best (smallest) rank among each image's captions
+  (`albef_rank` of each row, in the matrix's own dtype as itm_eval sorts it)."""
+  return np.asarray([albef_rank(row, img2txt[i]) for i, row in enumerate(np.asarray(scores_i2t))],
+                    np.int64)
 
 
-def t2i_ranks(scores_t2i: np.ndarray, txt2img: np.ndarray, chunk: int = 1024) -> np.ndarray:
-  """scores [N_txt, N_img] -> [N_txt] rank of each text's image (ties count against it)."""
-  scores_t2i, txt2img = np.asarray(scores_t2i), np.asarray(txt2img, np.int64)
-  ranks = np.empty(len(scores_t2i), np.int64)
-  for a in range(0, len(scores_t2i), chunk):
-    s = scores_t2i[a:a + chunk]
-    gt = s[np.arange(len(s)), txt2img[a:a + chunk]]
-    ranks[a:a + chunk] = (s >= gt[:, None]).sum(1) - 1
-  return ranks
+def t2i_ranks(scores_t2i: np.ndarray, txt2img: np.ndarray) -> np.ndarray:
+  """scores [N_txt, N_img] -> [N_txt] rank of each text's image (`albef_rank` of each row)."""
+  txt2img = np.asarray(txt2img, np.int64)
+  return np.asarray([albef_rank(row, [txt2img[t]]) for t, row in enumerate(np.asarray(scores_t2i))],
+                    np.int64)
 
 
 def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt, txt2img) -> dict[str, float]:
   """ALBEF's itm_eval: txt_r1/5/10 (TR), img_r1/5/10 (IR), their means and r_mean (percent)."""
   ri, rt = i2t_ranks(scores_i2t, img2txt), t2i_ranks(scores_t2i, txt2img)
-  m = {}
+  m = {}  # Same float operations as itm_eval: 100 * count / n.
   for k in (1, 5, 10):
-    m[f'txt_r{k}'] = float(100.0 * np.mean(ri < k))
+    m[f'txt_r{k}'] = 100.0 * int(np.count_nonzero(ri < k)) / len(ri)
   for k in (1, 5, 10):
-    m[f'img_r{k}'] = float(100.0 * np.mean(rt < k))
+    m[f'img_r{k}'] = 100.0 * int(np.count_nonzero(rt < k)) / len(rt)
   m['txt_r_mean'] = (m['txt_r1'] + m['txt_r5'] + m['txt_r10']) / 3
   m['img_r_mean'] = (m['img_r1'] + m['img_r5'] + m['img_r10']) / 3
   m['r_mean'] = (m['txt_r_mean'] + m['img_r_mean']) / 2
@@ -159,9 +159,23 @@ def score_matrices(scorer: common.Scorer, image_refs: Sequence[common.ImageRef],
   return sims, i2t, t2i
 
 
+def write_score_file(path: str, i2t: np.ndarray, t2i: np.ndarray, txt2img: np.ndarray) -> str:
+  """ALBEF's score matrices in one compressed npz: `score_matrix_i2t` float32 [N_img, N_txt],
+  `score_matrix_t2i` float32 [N_txt, N_img] (what `evaluation` returns and `itm_eval` takes) and
+  `txt2img` int64 [N_txt]; img2txt[i] = np.flatnonzero(txt2img == i). Mostly -100, so it packs
+  small (the COCO matrices are 2 x 500 MB raw)."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  np.savez_compressed(path, score_matrix_i2t=np.asarray(i2t, np.float32),
+                      score_matrix_t2i=np.asarray(t2i, np.float32),
+                      txt2img=np.asarray(txt2img, np.int64))
+  return path
+
+
 def evaluate(name: str, data_dir: str, scorer: common.Scorer, *, mode: str = 'itm_l1',
-             k: int | None = None, max_tokens: int = 30, max_words: int = 30) -> common.BenchResult:
-  """`name` is 'retrieval_coco' or 'retrieval_flickr'."""
+             k: int | None = None, max_tokens: int = 30, max_words: int = 30,
+             scores_dir: str | None = None) -> common.BenchResult:
+  """`name` is 'retrieval_coco' or 'retrieval_flickr'. With `scores_dir`, the score matrices go to
+  `<scores_dir>/<name>.npz` (`write_score_file`)."""
   if name not in LAYOUT:
     raise ValueError(f'unknown retrieval benchmark {name!r}: use {", ".join(LAYOUT)}')
   path, root = find_json(name, data_dir)
@@ -180,11 +194,15 @@ def evaluate(name: str, data_dir: str, scorer: common.Scorer, *, mode: str = 'it
   headline = {'TR@1': m['txt_r1'], 'TR@5': m['txt_r5'], 'TR@10': m['txt_r10'],
               'IR@1': m['img_r1'], 'IR@5': m['img_r5'], 'IR@10': m['img_r10'],
               'TR mean': m['txt_r_mean'], 'IR mean': m['img_r_mean'], 'R mean': m['r_mean']}
+  details = {'recall': m, 'recall_itc_only': itc_only, 'num_images': len(refs),
+             'num_texts': len(texts), 'json': path,
+             'official_counts': counts == OFFICIAL_COUNTS[name]}
+  if scores_dir:
+    details['score_file'] = write_score_file(os.path.join(scores_dir, f'{name}.npz'), i2t, t2i,
+                                             txt2img)
   return common.BenchResult(
-      name=name, headline=headline,
-      details={'recall': m, 'recall_itc_only': itc_only, 'num_images': len(refs),
-               'num_texts': len(texts), 'json': path,
-               'official_counts': counts == OFFICIAL_COUNTS[name]},
+      name=name, headline=headline, details=details,
       protocol={'score': mode, 'k_test': k, 'max_tokens': max_tokens, 'max_words': max_words,
                 'text': 'ALBEF pre_caption', 'non_candidates': NO_CANDIDATE,
+                'rank': 'position in np.argsort(score)[::-1] (ALBEF itm_eval; numpy orders ties)',
                 'i2t rank': 'best rank among the image\'s captions'})

@@ -1,6 +1,6 @@
 """Metrics of the fine-grained synthetic suite (cases from `nas_jax.data.synthetic.build_benchmark`).
 
-Each subset is scored the way the real benchmark it imitates is (../shared/benchmarks/FORMATS.md),
+Each subset is scored the way the real benchmark it imitates is (docs/EVALUATION.md),
 always with strict `>` so a tie is a failure:
   attribute, relation (ARO VG-Attribution / VG-Relation-like), counting, existence (VALSE-like):
       pairwise accuracy = % of cases with score(image, caption) > score(image, foil). As ARO,

@@ -1,4 +1,5 @@
-"""Winoground (Thrush et al., CVPR 2022): text, image and group scores. FORMATS.md §3.
+"""Winoground (Thrush et al., CVPR 2022): text, image and group scores, as the official
+statistics/compute_statistics.py computes them. docs/EVALUATION.md has the details.
 
 Data layout: `<root>/examples.jsonl` (or `<root>/data/examples.jsonl`) and `<root>/images/<stem>.png`
 (the extracted `data/images.zip` of the Hugging Face dataset `facebook/winoground`).
@@ -8,7 +9,9 @@ With s(c, i) the pair score and strict `>` (ties fail):
   image correct <=> s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0)
   group correct <=> text and image correct
 Scores are 100 x the mean over examples; also per `collapsed_tag`, `num_main_preds` and
-`secondary_tag` subset (exact string match, as the official statistics script).
+`secondary_tag` subset (exact value match, as the official statistics script). The default score is
+the float32 softmax P(match) of the published score files, whose saturation at 1.0 makes ties.
+The per-example file (`write_score_file`) is in the official model_scores format.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from nas_jax.benchmarks import common
 NAME = 'winoground'
 SOURCE = ('the Hugging Face dataset facebook/winoground (gated: accept the licence): data/examples.jsonl '
           'and data/images.zip extracted to images/')
+OFFICIAL_EXAMPLES = 400
 
 
 def find_examples(root: str) -> str:
@@ -77,8 +81,18 @@ def summarize(s: np.ndarray, examples: list[dict] | None = None) -> tuple[dict[s
 _LABEL = re.compile(r'^(\d+)_c([01])_i([01])$')
 
 
+def write_score_file(path: str, examples: list[dict], s: np.ndarray) -> str:
+  """The official model_scores format (statistics/model_scores/*.jsonl): per example 4 lines
+  {"label": "<id>_c<c>_i<i>", "score": s[e, c, i]} in the order c0_i0, c0_i1, c1_i0, c1_i1.
+  Scores are written as the float32 values' exact decimal (what `.item()` gives)."""
+  rows = [{'label': f'{e["id"]}_c{c}_i{i}', 'score': float(s[k, c, i])}
+          for k, e in enumerate(examples) for c in (0, 1) for i in (0, 1)]
+  return common.write_jsonl(path, rows)
+
+
 def scores_from_file(path: str) -> np.ndarray:
-  """[E, 2, 2] scores from an official/Bugliarello score file (JSONL of `<id>_c<c>_i<i>`, score)."""
+  """[E, 2, 2] scores from an official/Bugliarello score file (JSONL of `<id>_c<c>_i<i>`, score),
+  examples in id order."""
   table: dict[int, np.ndarray] = {}
   with open(path) as f:
     for line in f:
@@ -98,14 +112,16 @@ def scores_from_file(path: str) -> np.ndarray:
   return s
 
 
-def evaluate(root: str, scorer: common.Scorer, *, mode: str = 'itm', max_tokens: int = 40,
-             max_words: int = 40, image_dir: str | None = None) -> common.BenchResult:
-  """Scores the 4 (caption, image) pairs of every example in one call."""
+def evaluate(root: str, scorer: common.Scorer, *, mode: str = 'itm_p', max_tokens: int = 40,
+             max_words: int = 40, image_dir: str | None = None,
+             scores_dir: str | None = None) -> common.BenchResult:
+  """Scores the 4 (caption, image) pairs of every example in one call. With `scores_dir`, the
+  per-example scores go to `<scores_dir>/winoground.jsonl` (`write_score_file`)."""
   common.check_mode(mode)
   examples = read_examples(find_examples(root))
-  if len(examples) != 400:
-    print(f'[winoground] warning: {len(examples)} examples, the official file has 400: numbers will '
-          'not be comparable with published ones')
+  if len(examples) != OFFICIAL_EXAMPLES:
+    print(f'[winoground] warning: {len(examples)} examples, the official file has '
+          f'{OFFICIAL_EXAMPLES}: numbers will not be comparable with published ones')
   image_dir = image_dir or os.path.join(root, 'images')
   common.require(NAME, image_dir, SOURCE, what='folder')
   images, texts = [], []
@@ -118,6 +134,9 @@ def evaluate(root: str, scorer: common.Scorer, *, mode: str = 'itm', max_tokens:
         texts.append(caps[c])
   s = common.score_pairs(scorer, images, texts, mode, max_tokens=max_tokens).reshape(-1, 2, 2)
   headline, details = summarize(s, examples)
+  if scores_dir:
+    details['score_file'] = write_score_file(os.path.join(scores_dir, 'winoground.jsonl'),
+                                             examples, s)
   rows = [[k, v['n'], v['text'], v['image'], v['group']] for k, v in details['subsets'].items()]
   return common.BenchResult(
       name=NAME, headline=headline,
