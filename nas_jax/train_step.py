@@ -192,13 +192,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
 
     # -- Visual dictionary tokens for matching (NAS §3.1); the codebook is updated in place (eq. 2).
     if use_vd:
-      codebook_old = m.codebook()
       image_tokens, vd = m.dictionary_tokens(img["embeds"], update=vd_update and update_vd)
       metrics.update(vd_perplexity=vd["perplexity"], vd_used_codes=vd["used_codes"],
                      vd_commit_dist=vd["commit_dist"])
       if not vd_update and update_vd:
         extras["vd_sums"], extras["vd_counts"] = _code_stats(vd["f"], vd["codes"],
-                                                             codebook_old.shape[0])
+                                                             vd["codebook"].shape[0])
     else:
       image_tokens = img["embeds"]
 
@@ -225,11 +224,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: NASModel,
     if use_nva:
       neg = nva.negative_codes(
           keys["nva"], t_cls=txt["embeds"][:, 0], v_cls=img["embeds"][:, 0],
-          patches=img["embeds"][:, 1:], codes=vd["codes"], codebook=codebook_old,
+          patches=img["embeds"][:, 1:], codes=vd["codes"], codebook=vd["codebook"],
           ratio=c.nva.ratio, lam=c.nva.lam, k=c.nva.k, scope=c.nva.scope,
           norm=c.nva.norm)
       fg_tokens = m.tokens_from_codes(img["embeds"], vd, neg["codes"], neg["replaced"],
-                                      codebook_old)
+                                      vd["codebook"])
       pair_img.append(fg_tokens)
       pair_txt.append(txt["embeds"])
       pair_mask.append(mask)

@@ -201,8 +201,9 @@ class VisualDictionary(nn.Module):
     Returns:
       f [B, N, dim] float32 continuous features; q [B, N, dim] float32 straight-through quantised
       features (value d_{h_i}, gradient identity to f); codes int32 [B, N]; perplexity (scalar) and
-      used_codes (int32 scalar) of this batch's code usage; commit_dist: mean ||f_i - d_{h_i}||^2.
-      All computed against the codebook *before* this call's update.
+      used_codes (int32 scalar) of this batch's code usage; commit_dist: mean ||f_i - d_{h_i}||^2;
+      codebook [m, dim]: the codebook the codes index (before this call's eq. 2 update, after
+      the 'data' initialisation).
     """
     b, n, _ = patches.shape
     f = self.project(patches)
@@ -227,7 +228,7 @@ class VisualDictionary(nn.Module):
     if do_update:
       self.code_var.value = ema_update(codebook, flat, codes, self.momentum)
     return dict(f=f, q=q.reshape(b, n, self.dim), codes=codes.reshape(b, n),
-                perplexity=perplexity, used_codes=used, commit_dist=commit)
+                perplexity=perplexity, used_codes=used, commit_dist=commit, codebook=codebook)
 
   def embed(self, q: Array, f: Array, *, gate_q: Array | None = None) -> Array:
     """Post-quantisation tokens [B, N, dim] (in `dtype`): Linear, gate, + 2-D position, LayerNorm.
