@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nas_jax import flops as flops_lib
+from nas_jax.data import text as text_lib
 
 GIB = 2.0 ** 30
 
@@ -60,26 +61,12 @@ def apply_stage(config, stage: int | None):
   return c
 
 
-def special_ids(config) -> dict[str, int]:
-  """[PAD]/[CLS]/[SEP]/[MASK] ids and the first ordinary id, without loading a tokenizer:
-  the synthetic vocabulary's file, else bert-base-uncased's ids."""
-  if config.data.vocab == "synthetic":
-    from nas_jax.data import synthetic
-    with open(synthetic.vocab_file()) as f:
-      words = f.read().split("\n")
-    ids = {w: i for i, w in enumerate(words)}
-    out = {k: ids[f"[{k.upper()}]"] for k in ("pad", "cls", "sep", "mask")}
-    out["first"] = max(out.values()) + 1
-    return out
-  return {"pad": 0, "cls": 101, "sep": 102, "mask": 103, "first": 1000}
-
-
 def synthetic_batch(config, batch_size: int, sharding, seed: int = 0) -> dict:
   """A device-resident batch of the data contract: random normalised images, right-padded token
   ids ([CLS] w_1 .. w_n [SEP] [PAD]..; n + 2 uniform in [L/2, L]), distinct image ids."""
   c = config
   res, length, vocab = c.model.vit.image_size, c.data.max_text_len, c.model.bert.vocab_size
-  sp = special_ids(c)
+  sp = text_lib.special_ids(c.data.vocab)
   if sp["first"] >= vocab:
     raise ValueError(f"model.bert.vocab_size={vocab} leaves no ordinary token ids (first is "
                      f"{sp['first']} for data.vocab={c.data.vocab!r})")
@@ -283,8 +270,7 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
   cache on, a later run of the same configuration then loads the executable).
   """
   from nas_jax import objectives, optim, sharding
-  from nas_jax.models.nas import NASModel
-  from nas_jax.train_step import TokenIds, init_state, make_train_step
+  from nas_jax import train_step as train_step_lib
 
   c = config
   if steps < 1 or warmup < 0:
@@ -293,19 +279,15 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch_size(batch, mesh, "--batch")
   groups = sharding.num_batch_shards(mesh)
-  model = NASModel(config=c.model)
-  tx, schedule = optim.make_optimizer(c.optim, 10_000)
-  sp = special_ids(c)
-  step_fn = make_train_step(c, model, tx, schedule,
-                            token_ids=TokenIds(pad=sp["pad"], cls=sp["cls"], mask=sp["mask"]),
-                            num_groups=groups, alpha_warmup_steps=max(c.itc.alpha_warmup_steps, 0))
+  sp = text_lib.special_ids(c.data.vocab)
+  built = train_step_lib.setup(
+      c, optim.learning_rate_schedule(c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, 10_000),
+      token_ids=train_step_lib.TokenIds(pad=sp["pad"], cls=sp["cls"], mask=sp["mask"]),
+      num_groups=groups, alpha_warmup_steps=max(c.itc.alpha_warmup_steps, 0), mesh=mesh)
   count = flops_lib.step_flops(c, batch, groups)
 
   with jax.set_mesh(mesh):
-    rng = jax.random.PRNGKey(seed)
-    abstract = jax.eval_shape(lambda r: init_state(c, model, tx, r), rng)
-    state_sh = sharding.state_shardings(abstract, mesh)
-    state = jax.jit(lambda r: init_state(c, model, tx, r), out_shardings=state_sh)(rng)
+    state = built.init(jax.random.PRNGKey(seed))
     data = synthetic_batch(c, batch, sharding.batch_sharding(mesh), seed)
     jax.block_until_ready((state, data))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -313,9 +295,7 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
         f"{len(mesh.devices.flat)} {jax.devices()[0].platform} device(s); compiling ...")
 
     t0 = time.perf_counter()
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                     out_shardings=(state_sh, None), donate_argnums=0)
-    compiled = jitted.lower(state, data).compile()
+    compiled = built.jit().lower(state, data).compile()
     compile_s = time.perf_counter() - t0
     log(f"[bench] compiled in {compile_s:.1f} s; {warmup} warm-up + {steps} timed steps")
     if compile_only:

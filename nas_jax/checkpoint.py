@@ -20,6 +20,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from nas_jax import config_lib
+
 # Keys that must agree between a checkpoint and the config that restores it (shapes depend on them),
 # except the switches below them that change numerics or training only.
 SHAPE_KEYS = ("model", "itc.queue_size")
@@ -35,26 +37,16 @@ class IncompatibleCheckpointError(ValueError):
   pass
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flat(v, key + "."))
-    else:
-      out[key] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as saved with a checkpoint (JSON types: tuples become lists)."""
   return json.loads(config.to_json_best_effort())
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
   """Raises a one-line error naming the keys whose values change parameter shapes (keys the
   checkpoint does not have, from an older version, are not compared)."""
-  now = _flat(config_to_dict(config))
-  old = _flat(saved)
+  now = config_lib.flat_config(config_to_dict(config))
+  old = config_lib.flat_config(saved)
   diffs = []
   for key in sorted(set(now) & set(old)):
     if not any(key == s or key.startswith(s + ".") for s in SHAPE_KEYS) or key in NOT_SHAPE_KEYS:
@@ -199,16 +191,16 @@ def is_converted(path: str) -> bool:
 def _converted_config(path: str) -> ml_collections.ConfigDict:
   """The full config of a converted checkpoint: the defaults with the model section it was
   converted for (meta.json). A conversion of one encoder (DeiT, BERT) is not a whole model."""
-  from nas_jax import config_lib, convert
+  from nas_jax import convert
   meta = convert.read_meta(path)
   if "model_config" not in meta or meta.get("source") in ("deit", "bert"):
     raise FileNotFoundError(
         f"{path} holds a conversion of one encoder ({meta.get('source', '?')}), not a whole model: "
         "use it as --config.init_from of a training run, or evaluate an ALBEF / NAS_ALBEF conversion")
   config = config_lib.base_config()
-  known = _flat(config.model.to_dict())
+  known = config_lib.flat_config(config.model.to_dict())
   config.model.update_from_flattened_dict(
-      {k: v for k, v in _flat(meta["model_config"]).items() if k in known})
+      {k: v for k, v in config_lib.flat_config(meta["model_config"]).items() if k in known})
   config.data.image_size = config.model.vit.image_size
   config.data.vocab = ""  # ALBEF / NAS checkpoints use bert-base-uncased's vocabulary: eval --vocab.
   return config

@@ -35,6 +35,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
+def flat_config(d) -> dict:
+  """{'a.b': value} of a nested config (a ConfigDict or its dict / JSON form)."""
+  from flax import traverse_util
+  return traverse_util.flatten_dict(d.to_dict() if hasattr(d, "to_dict") else d, sep=".")
+
+
 def vit_b16(image_size: int = 256) -> ml_collections.ConfigDict:
   """DeiT-B/16 as ALBEF uses it."""
   return ml_collections.ConfigDict(dict(
@@ -143,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
       b2=0.999,
       eps=1e-8,
       grad_clip=0.0,      # 0 = none (ALBEF uses none).
+      schedule_steps=-1,  # Length of warm-up + cosine; -1: this run's steps. Longer: the run stops
+                          # before the cosine's end and a continue_schedule run finishes it.
   ))
   c.num_epochs = 29
   c.total_steps = -1      # -1: derived from num_epochs and data.num_train_samples.

@@ -38,6 +38,7 @@ agree when f_i equals its code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -48,6 +49,21 @@ from nas_jax.models.dictionary import pairwise_sq_dist
 Array = jax.Array
 
 _EPS = 1e-4   # authors' 1 / (d + 1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The NVA hyper-parameters of `negative_codes` (config section `nva`)."""
+  ratio: float = 0.3
+  lam: float = 0.5
+  k: int = 3
+  scope: str = 'primary'
+  norm: str = 'l2'
+
+  @classmethod
+  def of(cls, nva_config) -> "Settings":
+    return cls(ratio=nva_config.ratio, lam=nva_config.lam, k=nva_config.k,
+               scope=nva_config.scope, norm=nva_config.norm)
 
 
 def num_primary(num_patches: int, ratio: float) -> int:

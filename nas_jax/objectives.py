@@ -1,21 +1,19 @@
 """The three pre-training objectives (total L = L_itc + L_mlm + L_itm), as pure functions.
 
 Semantics are ALBEF's (salesforce/ALBEF `models/model_pretrain.py`, `model_retrieval.py`, `xbert.py`)
-with NAS's extra FGITM pair groups (DESIGN.md). Everything here is jit-able with static shapes;
+with NAS's extra FGITM pair groups (`itm_group_names`). Everything here is jit-able with static shapes;
 losses and softmaxes are computed in float32 whatever the input dtype.
 
   ITC   image-text contrastive loss against [momentum features of the batch ; queue], momentum
         distillation targets (1 - alpha) onehot + alpha softmax(sim_m); `alpha_schedule` ramps alpha.
   MLM   `mask_tokens` (15 %, 80/10/10, never [PAD]/[CLS]) and `mlm_loss` with distillation.
-  FGITM `sample_hard_negatives` (in-batch, softmax(sim), positive excluded), `itm_pairs` (the pair
-        groups and their labels in a fixed order) and `itm_loss`.
+  FGITM `sample_hard_negatives` (in-batch, softmax(sim), positive excluded), `itm_group_names`
+        (the pair groups in the step's order) and `itm_loss`.
 
 Queues are stored row-major, [Q, D] (ALBEF stores [D, Q]).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -205,51 +203,15 @@ def sample_hard_negatives(rng: Array, sim_i2t: Array, sim_t2i: Array,
   return draw(k_img, sim_t2i), draw(k_txt, sim_i2t)
 
 
-ITM_GROUPS = ('pos', 'text_neg', 'image_neg', 'image_fg', 'text_fg')
+def itm_group_names(*, nva: bool = False, text_negatives: bool = False) -> tuple[str, ...]:
+  """The FGITM pair groups in the step's order; the first is the positive, label 1, the rest 0:
 
-
-class ItmGroup(NamedTuple):
-  """One block of b ITM pairs: the image `image_src`[image_idx] with the text `text_src`[text_idx].
-
-  Sources: 'image' (the batch's images), 'image_fg' (their NVA negatives), 'text' (the batch's
-  captions), 'text_fg' (their hard-negative captions).
+    pos      (I, T)        neg_img  (I_neg, T)    neg_txt  (I, T_neg)     (ALBEF)
+    nva      (I_fg, T)     the NVA negative image, with `nva`
+    nta      (I, T_fg)     the hard-negative caption, with `text_negatives`
+  I_neg / T_neg are in-batch negatives (`sample_hard_negatives`).
   """
-  name: str
-  image_src: str
-  image_idx: Array
-  text_src: str
-  text_idx: Array
-  label: int
-
-
-def itm_pairs(neg_image_idx: Array, neg_text_idx: Array, *, nva: bool = False,
-              text_negatives: bool = False) -> tuple[list[ItmGroup], Array]:
-  """The FGITM pair groups (DESIGN.md) in the fixed order of ITM_GROUPS, and labels [P] int32.
-
-    pos        (I, T)       1
-    text_neg   (I, T_neg)   0      T_neg = text[neg_text_idx]
-    image_neg  (I_neg, T)   0      I_neg = image[neg_image_idx]
-    image_fg   (I_fg, T)    0      only with nva
-    text_fg    (I, T_fg)    0      only with text_negatives
-  P = b * number of groups; the logits of the groups, concatenated in this order, match labels.
-  """
-  b = neg_image_idx.shape[0]
-  ar = jnp.arange(b, dtype=jnp.int32)
-  groups = [ItmGroup('pos', 'image', ar, 'text', ar, 1),
-            ItmGroup('text_neg', 'image', ar, 'text', neg_text_idx.astype(jnp.int32), 0),
-            ItmGroup('image_neg', 'image', neg_image_idx.astype(jnp.int32), 'text', ar, 0)]
-  if nva:
-    groups.append(ItmGroup('image_fg', 'image_fg', ar, 'text', ar, 0))
-  if text_negatives:
-    groups.append(ItmGroup('text_fg', 'image', ar, 'text_fg', ar, 0))
-  return groups, itm_labels(b, nva=nva, text_negatives=text_negatives)
-
-
-def itm_labels(batch_size: int, *, nva: bool = False, text_negatives: bool = False) -> Array:
-  """Labels [P] int32 of the groups of `itm_pairs`: b ones, then b zeros per negative group."""
-  num_neg = 2 + int(nva) + int(text_negatives)
-  return jnp.concatenate([jnp.ones((batch_size,), jnp.int32),
-                          jnp.zeros((num_neg * batch_size,), jnp.int32)])
+  return ("pos", "neg_img", "neg_txt") + ("nva",) * nva + ("nta",) * text_negatives
 
 
 def itm_loss(logits: Array, labels: Array) -> tuple[Array, Array]:

@@ -1,15 +1,17 @@
 """Which steps a run trains and on which learning-rate schedule: `RunPlan`.
 
 A fresh run trains steps [0, N) on its own schedule: warm-up from `optim.min_lr` to `optim.lr` over
-`optim.warmup_steps`, then cosine to `optim.min_lr` at step N (N from `total_steps`, or
-`num_epochs` × steps per epoch). The distillation weight α ramps over `itc.alpha_warmup_steps`
+`optim.warmup_steps`, then cosine to `optim.min_lr` at step max(N, `optim.schedule_steps`) (N from
+`total_steps`, or `num_epochs` × steps per epoch). The distillation weight α ramps over `itc.alpha_warmup_steps`
 (-1: one epoch, as ALBEF).
 
 A run with `continue_schedule=True` and `init_from=<another run>` continues that run: its step
 counter starts at the other run's last checkpoint step S and it trains [S, S + N) on the other
 run's schedule (its lr, min_lr, warm-up and length) and α ramp. This is how the paper trains:
 stage 1 (29 epochs) and stage 2 (1 epoch, + NVA) are one schedule, so stage 2 runs where stage 1's
-cosine ended (≈ 1e-5) with stage 1's AdamW moments, not after a new warm-up (docs/RECIPE.md).
+cosine ended (≈ 1e-5) with stage 1's AdamW moments, not after a new warm-up (docs/RECIPE.md). To
+have the continuation finish the cosine instead, give stage 1 `optim.schedule_steps` = both
+stages' steps.
 
 The plan is written to `<workdir>/plan.json` when a run starts and read back when it resumes, so a
 resumed run trains the same steps on the same schedule even if the run it continued is gone.
@@ -65,7 +67,8 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int,
   return RunPlan(first_step=0, last_step=num_steps, steps_per_epoch=steps_per_epoch,
                  alpha_warmup_steps=warm if warm >= 0 else steps_per_epoch,
                  lr=config.optim.lr, min_lr=config.optim.min_lr,
-                 warmup_steps=config.optim.warmup_steps, schedule_steps=num_steps)
+                 warmup_steps=config.optim.warmup_steps,
+                 schedule_steps=max(config.optim.schedule_steps, num_steps))
 
 
 def read_plan(workdir: str) -> RunPlan | None:

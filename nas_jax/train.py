@@ -25,10 +25,11 @@ import numpy as np
 
 from nas_jax import checkpoint as ckpt_lib
 from nas_jax import optim, run_plan, sharding, warm_start
+from nas_jax import config_lib
 from nas_jax.config_lib import load_config_file  # noqa: F401  (public: used by the notebook)
 from nas_jax.metrics_writer import MetricWriter
-from nas_jax.models.nas import NASModel
-from nas_jax.train_step import TokenIds, TrainState, init_state, make_train_step
+from nas_jax import train_step as train_step_lib
+from nas_jax.train_step import TokenIds
 
 log = logging.getLogger("nas_jax.train")
 
@@ -134,16 +135,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
            plan.first_step, plan.last_step, plan.schedule_steps, plan.lr, plan.min_lr,
            plan.warmup_steps, f", continuing {plan.continues}" if plan.continues else "")
 
-  # ---------------------------------------------------------------- model and optimiser
-  model = NASModel(config=c.model)
-  tx, schedule = optim.make_optimizer(c.optim, optim.plan_schedule(plan))
+  # ---------------------------------------------------------------- model, optimiser, step
+  built = train_step_lib.setup(c, optim.plan_schedule(plan), token_ids=TokenIds.of(tokenizer),
+                               num_groups=hard_negative_groups(c, mesh),
+                               alpha_warmup_steps=plan.alpha_warmup_steps, mesh=mesh)
+  model, abstract = built.model, built.abstract_state
+  state_sh = jax.tree.map(lambda a: a.sharding, abstract)
 
   # ---------------------------------------------------------------- sharded init / resume
-  rng = jax.random.PRNGKey(c.seed)
-  abstract = jax.eval_shape(lambda r: init_state(c, model, tx, r), rng)
-  state_sh = sharding.state_shardings(abstract, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep,
                                        async_save=c.checkpoint.async_save)
   with jax.set_mesh(mesh):
@@ -151,7 +150,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
       state, start = checkpointer.restore(abstract, c, data_iter)
       log.info("resumed from %s at step %d", checkpointer.directory, start)
     else:
-      state = jax.jit(lambda r: init_state(c, model, tx, r), out_shardings=state_sh)(rng)
+      state = built.init(jax.random.PRNGKey(c.seed))
       if c.init_from:
         state, notes = warm_start.warm_start(c, state, abstract)
         state = jax.device_put(state, state_sh)
@@ -165,15 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   log.info("model: %.1fM parameters; %d steps of %d samples (%d per epoch); stage %d%s",
            n_params / 1e6, plan.num_steps, c.data.batch_size, num_train, c.stage,
            " (NVA)" if c.nva.enabled else "")
-
-  # ---------------------------------------------------------------- the step
-  token_ids = TokenIds(pad=tokenizer.pad_id, cls=tokenizer.cls_id, mask=tokenizer.mask_id)
-  step_fn = make_train_step(c, model, tx, schedule, token_ids=token_ids,
-                            num_groups=hard_negative_groups(c, mesh),
-                            alpha_warmup_steps=plan.alpha_warmup_steps)
-  batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                       donate_argnums=0)
+  train_step = built.jit()
 
   # ---------------------------------------------------------------- loop
   writer = MetricWriter(workdir, enabled=is_main)
@@ -326,7 +317,7 @@ def check_overrides(argv: list[str]) -> None:
   if spec is None:
     return
   config = load_config_file(spec)
-  flat = set(ckpt_lib._flat(ckpt_lib.config_to_dict(config)))
+  flat = set(config_lib.flat_config(config))
   prefixes = {k.rsplit(".", i)[0] for k in flat for i in range(k.count(".") + 1)}
   for a in argv:
     if not a.startswith("--config.") or a.startswith("--config=="):

@@ -52,20 +52,17 @@ def fixed_batch(config, batch_size: int | None = None, seed: int = 0) -> dict:
 
 def build(config, *, num_groups: int = 1, alpha_warmup_steps: int = 4, seed: int = 0):
   """(model, tx, schedule, initial state, un-jitted step fn) for `config`."""
-  from nas_jax import optim
+  from nas_jax import optim, train_step
   from nas_jax.data.text import load_tokenizer
-  from nas_jax.models.nas import NASModel
-  from nas_jax.train_step import TokenIds, init_state, make_train_step
 
-  tok = load_tokenizer(config.data.vocab)
-  model = NASModel(config=config.model)
   total = config.total_steps if config.total_steps > 0 else 100
-  tx, schedule = optim.make_optimizer(config.optim, total)
-  state = jax.jit(lambda r: init_state(config, model, tx, r))(jax.random.PRNGKey(seed))
-  step = make_train_step(config, model, tx, schedule,
-                         token_ids=TokenIds(pad=tok.pad_id, cls=tok.cls_id, mask=tok.mask_id),
-                         num_groups=num_groups, alpha_warmup_steps=alpha_warmup_steps)
-  return model, tx, schedule, state, step
+  schedule = optim.learning_rate_schedule(config.optim.lr, config.optim.min_lr,
+                                          config.optim.warmup_steps, total)
+  built = train_step.setup(config, schedule,
+                           token_ids=train_step.TokenIds.of(load_tokenizer(config.data.vocab)),
+                           num_groups=num_groups, alpha_warmup_steps=alpha_warmup_steps)
+  state = built.init(jax.random.PRNGKey(seed))
+  return built.model, built.tx, schedule, state, built.step
 
 
 def assert_params_close(got, want, atol: float) -> None:

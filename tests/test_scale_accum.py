@@ -86,7 +86,7 @@ def test_data_initialised_codebook_from_first_micro_batch():
   """dictionary.init='data' with K=2: the first step builds the codebook from micro-batch 0's
   features, then assigns the whole batch to it and applies eq. 2 once."""
   import jax.numpy as jnp
-  from nas_jax.models.dictionary import _data_init, ema_update, pairwise_sq_dist
+  from nas_jax.models.dictionary import data_init, ema_update, pairwise_sq_dist
   c = tiny_config(accum_steps=2, **{"model.dictionary.init": "data"})
   model, _, _, state, step = build(c, num_groups=1)
   batch = fixed_batch(c)
@@ -102,7 +102,7 @@ def test_data_initialised_codebook_from_first_micro_batch():
   f = f.reshape(-1, f.shape[-1])
   d = c.model.dictionary
   half = f.shape[0] // 2                            # micro-batch 0 = rows 0..15 with one slice
-  fresh = _data_init(f[:half], d.size, d.init_std)
+  fresh = data_init(f[:half], d.size, d.init_std)
   codes = jnp.argmin(pairwise_sq_dist(f, fresh), axis=-1)
   want = ema_update(fresh, f, codes, d.momentum)
   np.testing.assert_allclose(new.batch_stats["dictionary"]["codebook"], want, rtol=1e-4, atol=1e-5)

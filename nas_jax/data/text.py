@@ -102,6 +102,21 @@ class Tokenizer:
     return (Tokenizer, (self.vocab_file,))
 
 
+# bert-base-uncased's special ids; its first ordinary word piece is 1000 ('!' after [unused*]).
+BERT_UNCASED_IDS = {"pad": 0, "cls": 101, "sep": 102, "mask": 103, "first": 1000}
+
+
+def special_ids(vocab: str) -> dict[str, int]:
+  """{'pad', 'cls', 'sep', 'mask', 'first' (the first ordinary id)} of a vocabulary: read from it
+  when it is 'synthetic' or a path; bert-base-uncased's when unset ('', the stage configs')."""
+  if not vocab:
+    return dict(BERT_UNCASED_IDS)
+  tok = load_tokenizer(vocab)
+  out = {"pad": tok.pad_id, "cls": tok.cls_id, "sep": tok.sep_id, "mask": tok.mask_id}
+  out["first"] = max(out.values()) + 1 if vocab == "synthetic" else BERT_UNCASED_IDS["first"]
+  return out
+
+
 def load_tokenizer(vocab: str) -> Tokenizer:
   """`vocab` is a path, or 'synthetic' for the synthetic world's own small vocabulary."""
   if vocab == "synthetic":

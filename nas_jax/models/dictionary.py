@@ -36,7 +36,7 @@ Choices where the paper is silent (recorded here, switchable where it matters):
   * `init='normal'`: codebook ~ N(0, init_std^2) as the paper (and `SOHO_Pre_VD`'s
     `nn.init.normal_`).
     `init='data'`: the first update first overwrites the codebook with the batch's features (see
-    `_data_init`), then assigns against it and applies eq. 2, so no step sees the random codebook.
+    `data_init`), then assigns against it and applies eq. 2, so no step sees the random codebook.
   * Distances use `precision=HIGHEST` so the argmin is the true nearest code on GPUs/TPUs too
     (TF32/bf16 passes would otherwise flip near-ties).
 """
@@ -88,30 +88,46 @@ def pairwise_sq_dist(a: Array, b: Array) -> Array:
   return jnp.sum(a * a, -1, keepdims=True) - 2.0 * ab + jnp.sum(b * b, -1)[None, :]
 
 
-def code_usage(codes: Array, size: int) -> tuple[Array, Array, Array]:
-  """Counts n_j [m] (float32), perplexity exp(-sum p log p) with p = n/sum(n), used codes (int32)."""
-  flat = codes.reshape(-1)
-  counts = jax.ops.segment_sum(jnp.ones(flat.shape, jnp.float32), flat, num_segments=size)
-  p = counts / jnp.maximum(counts.sum(), 1.0)
-  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  return counts, jnp.exp(entropy), jnp.sum(counts > 0).astype(jnp.int32)
+def code_statistics(feats: Array, codes: Array, size: int) -> tuple[Array, Array]:
+  """Eq. 2's statistics: per-code feature sums [m, C] and counts n_j [m] (float32, no gradient).
 
-
-def ema_update(codebook: Array, feats: Array, codes: Array, momentum: float) -> Array:
-  """Paper eq. 2: d_j <- g d_j + (1-g) mean{f_i : h_i = j} for codes with n_j > 0; others unchanged.
-
-  codebook [m, C] float32, feats [P, C], codes int [P]. Statistics by `segment_sum` (no one-hot).
+  feats [..., C], codes int [...] (the same leading shape). Sums of several batches add up, so
+  micro-batches of gradient accumulation give the whole batch's statistics.
   """
-  m = codebook.shape[0]
-  feats = jax.lax.stop_gradient(feats).astype(jnp.float32)
-  counts = jax.ops.segment_sum(jnp.ones(codes.shape, jnp.float32), codes, num_segments=m)
-  sums = jax.ops.segment_sum(feats, codes, num_segments=m)
+  flat = jax.lax.stop_gradient(feats).astype(jnp.float32).reshape(-1, feats.shape[-1])
+  codes = codes.reshape(-1)
+  counts = jax.ops.segment_sum(jnp.ones(codes.shape, jnp.float32), codes, num_segments=size)
+  return jax.ops.segment_sum(flat, codes, num_segments=size), counts
+
+
+def ema_from_statistics(codebook: Array, sums: Array, counts: Array, momentum: float) -> Array:
+  """Paper eq. 2: d_j <- g d_j + (1-g) sums_j / n_j for codes with n_j > 0; others unchanged."""
   mean = sums / jnp.maximum(counts, 1.0)[:, None]
   updated = momentum * codebook + (1.0 - momentum) * mean
   return jnp.where((counts > 0)[:, None], updated, codebook)
 
 
-def _data_init(feats: Array, size: int, std: float) -> Array:
+def ema_update(codebook: Array, feats: Array, codes: Array, momentum: float) -> Array:
+  """Paper eq. 2 from one batch: codebook [m, C] float32, feats [P, C], codes int [P]."""
+  sums, counts = code_statistics(feats, codes, codebook.shape[0])
+  return ema_from_statistics(codebook, sums, counts, momentum)
+
+
+def usage_from_counts(counts: Array) -> tuple[Array, Array]:
+  """(perplexity exp(-sum p log p) with p = n / sum(n), number of used codes int32) of counts [m]."""
+  p = counts / jnp.maximum(counts.sum(), 1.0)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return jnp.exp(entropy), jnp.sum(counts > 0).astype(jnp.int32)
+
+
+def code_usage(codes: Array, size: int) -> tuple[Array, Array, Array]:
+  """Counts n_j [m] (float32), perplexity and used codes (int32) of a batch's codes."""
+  flat = codes.reshape(-1)
+  counts = jax.ops.segment_sum(jnp.ones(flat.shape, jnp.float32), flat, num_segments=size)
+  return (counts,) + usage_from_counts(counts)
+
+
+def data_init(feats: Array, size: int, std: float) -> Array:
   """Codebook [m, C] from a batch's features [P, C] (init='data').
 
   Row j is feature floor(j * P / m): evenly strided over the flattened (image, patch) order, so
@@ -214,7 +230,7 @@ class VisualDictionary(nn.Module):
       raise ValueError("VisualDictionary.quantize(update=True) needs "
                        "apply(..., mutable=['batch_stats'])")
     if do_update and self.init == 'data':
-      fresh = _data_init(jax.lax.stop_gradient(flat), self.size, self.init_std)
+      fresh = data_init(jax.lax.stop_gradient(flat), self.size, self.init_std)
       codebook = jnp.where(self.ready_var.value, codebook, fresh)
       self.ready_var.value = jnp.ones((), jnp.bool_)
 

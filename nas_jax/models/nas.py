@@ -7,7 +7,8 @@ parameters or, given the momentum tree, on the momentum encoders (`vit`, `bert`,
   encode_image(images)                    → {'embeds': [B,1+N,D], 'feat': [B,E] (L2-normalised)}
   encode_text(ids, mask)                  → {'embeds': [B,L,D], 'feat': [B,E]}
   dictionary_tokens(image_embeds, update) → ([B,1+N,D] tokens for fusion, VD aux)   (NAS §3.1)
-  tokens_from_codes(image_embeds, aux, codes, replaced, codebook) → [B,1+N,D]  (an NVA negative)
+  nva_tokens(rng, image_embeds, text_cls, aux, settings) → ([B,1+N,D], replaced [B,N])  (NAS §3.2)
+  tokens_from_codes(image_embeds, aux, codes, replaced, codebook) → [B,1+N,D]  (its tokens)
   image_tokens_for_fusion(image_embeds)   → VD tokens (use_dictionary) or the ViT tokens (ALBEF)
   fuse(text_embeds, text_mask, image_tokens) → [B,L,D]
   itm_logits(fused) → [B,2] float32;  mlm_logits(fused) → [B,L,V] float32
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from nas_jax import nva
 from nas_jax.models.attention import resolve_implementation
 from nas_jax.models.bert import BertModel
 from nas_jax.models.dictionary import VisualDictionary
@@ -95,6 +97,23 @@ class NASModel(nn.Module):
                                              reuse_gate=self.config.dictionary.reuse_gate,
                                              codebook=codebook)
     return jnp.concatenate([image_embeds[:, :1], tokens.astype(image_embeds.dtype)], axis=1)
+
+  def nva_tokens(self, rng: jax.Array, image_embeds: jax.Array, text_cls: jax.Array, aux: dict,
+                 settings) -> tuple[jax.Array, jax.Array]:
+    """The NVA negative I_fg of every pair (NAS §3.2): `nva.negative_codes` picks the primary
+    patches and their replacement codes from `aux` (the VD aux of `dictionary_tokens`: codes and
+    the codebook they index), then `tokens_from_codes` builds its tokens.
+
+    image_embeds [B, 1+N, D] (v_cls and the patches), text_cls [B, D] (the caption's t_cls),
+    settings: `nva.Settings`. Returns (tokens [B, 1+N, D], replaced bool [B, N]).
+    """
+    neg = nva.negative_codes(rng, t_cls=text_cls, v_cls=image_embeds[:, 0],
+                             patches=image_embeds[:, 1:], codes=aux["codes"],
+                             codebook=aux["codebook"], ratio=settings.ratio, lam=settings.lam,
+                             k=settings.k, scope=settings.scope, norm=settings.norm)
+    tokens = self.tokens_from_codes(image_embeds, aux, neg["codes"], neg["replaced"],
+                                    aux["codebook"])
+    return tokens, neg["replaced"]
 
   def image_tokens_for_fusion(self, image_embeds: jax.Array) -> jax.Array:
     if self.config.use_dictionary:
