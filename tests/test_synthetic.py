@@ -211,6 +211,8 @@ def test_bad_input_is_a_clear_error(train):
     S.parse('two red circle')
   with pytest.raises(ValueError, match='max_objects must be in 2..6'):
     S.build_benchmark(max_objects=1)
+  with pytest.raises(ValueError, match="compositions must be 'train', 'heldout', 'all'"):
+    S.SyntheticSource(10, compositions='test')
 
 
 def test_holds_semantics():
@@ -290,7 +292,8 @@ def test_oracle_scores_100_everywhere(bench):
     m = bench_lib.evaluate(bench, score, threshold=0.5, batch_size=50, **kwargs)
     for key in ('attribute', 'relation', 'counting', 'existence', 'pairwise_mean', 'itm_acc',
                 'winoground_text', 'winoground_image', 'winoground_group', 'txt_r1', 'img_r1',
-                'r_mean', 'relation/left', 'winoground_group/attribute'):
+                'r_mean', 'relation/left', 'winoground_group/attribute', 'main_attribute',
+                'main_attribute/shape', 'main_object'):
       assert m[key] == 100.0, (kwargs, key, m[key])
 
 
@@ -395,3 +398,88 @@ def test_heldout_itm_accuracy_metric():
   assert (out['heldout_itm_p_match'], out['heldout_itm_p_nonmatch'], out['heldout_itm_acc']) == (100.0, 0.0, 50.0)
   assert out['heldout_itm_pairwise'] == 0.0  # Ties fail.
   assert 'ITM on held-out scenes' in metrics.to_markdown(out, bench)
+
+
+# ------------------------------------------------------------------------------------------ main object
+
+def test_main_object_foils_change_exactly_the_probed_attribute(bench):
+  """main_attribute / main_object: the foil is the caption with only its subject (the main object)
+  changed, in exactly the probed attribute (both colour and shape for a similar object)."""
+  groups = {'colour': 0, 'shape': 0, 'size': 0}
+  main_small = 0
+  for name in ('main_attribute', 'main_object'):
+    for c in bench[name]:
+      scene, caption, foil = c['scene'], S.parse(c['caption']), S.parse(c['foil'])
+      assert S.holds(scene, caption) and not S.holds(scene, foil)
+      subj, fsubj = S.main_subject(caption), S.main_subject(foil)
+      assert S._with_subject(caption, fsubj) == foil      # Nothing but the subject changed.
+      changed = {f for f in ('colour', 'shape', 'size') if getattr(subj, f) != getattr(fsubj, f)}
+      # The main object: the only object of its kind, and the largest (the others are small).
+      (main,) = [o for o in scene if (o.colour, o.shape) == (subj.colour, subj.shape)]
+      assert main.size == subj.size and all(o.size == 'small' for o in scene if o is not main)
+      if name == 'main_attribute':
+        assert changed == {c['group']}
+        groups[c['group']] += 1
+        main_small += main.size == 'small'
+        assert main.size == 'large' or c['group'] == 'size'
+      else:
+        assert c['group'] == 'object' and changed == {'colour', 'shape'} and main.size == 'large'
+        # The most similar other object whose caption is false.
+        kinds = S.similar_kinds(subj.colour, subj.shape)
+        k = kinds.index((fsubj.colour, fsubj.shape))
+        assert all(S.holds(scene, S._with_subject(caption, subj._replace(colour=a, shape=b)))
+                   for a, b in kinds[:k])
+  n = len(bench['main_attribute'])
+  assert all(abs(v - n / 3) <= 1 for v in groups.values()), groups
+  assert abs(main_small - groups['size'] / 2) <= 1   # "large" is the true word half the time.
+
+
+def test_similar_kinds_are_the_nearest_colour_and_shape():
+  kinds = S.similar_kinds('red', 'circle')
+  assert len(kinds) == len(set(kinds)) == (len(S.COLOURS) - 1) * (len(S.SHAPES) - 1)
+  assert all(c != 'red' and s != 'circle' for c, s in kinds)
+  assert kinds[0] == ('yellow', 'square')     # Nearest RGB colour, most overlapping shape.
+  assert S.similar_kinds('blue', 'square')[0] == ('green', 'circle')
+
+
+def test_heldout_compositions_are_disjoint_from_training(train, bench):
+  """Train scenes never have a held-out composition; held-out splits and every benchmark scene
+  only have those; about HELDOUT_FRACTION of all draws are held out."""
+  train_comps = {S.composition(train.scene(i)[0]) for i in range(2000)}
+  assert not any(S._heldout_key(c) for c in train_comps)
+  bench_comps = set()
+  for cases in bench.values():
+    for c in cases:
+      for scene in c.get('scenes', [c.get('scene')]):
+        assert S.is_heldout(scene)
+        bench_comps.add(S.composition(scene))
+  assert not bench_comps & train_comps
+  assert len(bench_comps) > 150 and {len(c) for c in bench_comps} == {1, 2, 3}
+  heldout = S.SyntheticSource(300, split='heldout', image_size=32)
+  assert all(S.is_heldout(heldout.scene(i)[0]) for i in range(300))
+  both = S.SyntheticSource(3000, split='train', compositions='all', image_size=32)
+  frac = np.mean([S.is_heldout(both.scene(i)[0]) for i in range(3000)])
+  assert abs(frac - S.HELDOUT_FRACTION) < 0.03
+  # The partition is a property of the world: the same for every seed.
+  other = S.SyntheticSource(300, seed=7, split='train', image_size=32)
+  assert not any(S.is_heldout(other.scene(i)[0]) for i in range(300))
+
+
+def test_main_object_subsets_are_deterministic(bench):
+  subsets = ('main_attribute', 'main_object')
+  again = S.build_benchmark(seed=3, image_size=32, n_per_subset=80, subsets=subsets)
+  other = S.build_benchmark(seed=4, image_size=32, n_per_subset=80, subsets=subsets)
+  for name in subsets:
+    assert [(c['caption'], c['foil']) for c in again[name]] == \
+        [(c['caption'], c['foil']) for c in bench[name]]
+    np.testing.assert_array_equal(np.stack([c['image'] for c in again[name]]),
+                                  np.stack([c['image'] for c in bench[name]]))
+    assert [c['caption'] for c in other[name]] != [c['caption'] for c in bench[name]]
+
+
+def test_markdown_has_the_main_object_rows(bench):
+  score, embed = _oracle(bench)
+  table = bench_lib.to_markdown(bench_lib.evaluate(bench, score, embed), bench)
+  assert "| Main object's colour / shape / size replaced (macro): pairwise acc | 100.0 | 50.0 | 80 |" in table
+  assert '| Main object replaced by a similar one: pairwise acc | 100.0 | 50.0 | 80 |' in table
+  assert "per attribute | 100.0 / 100.0 / 100.0 | 50.0 / 50.0 / 50.0 |" in table
