@@ -743,15 +743,21 @@ def _existence_case(rng, max_objects, positive: bool) -> dict:
 
 
 # The main object: the caption's subject (its first noun phrase). Its (colour, shape) is unique in
-# the scene and it is the largest object: large, every other object small, except in half of the
-# 'size' cases, where it is small like the rest (so that "large" is not always the true word).
+# the scene and it is the largest object: large, every other object small (in the 'size' cases where
+# the caption says "small", it is small like the rest).
+#
+# Cases come in pairs with the same two values the other way round (case 2j: the image shows value
+# A, the foil says B; case 2j + 1: the image shows B, the foil says A), so a scorer blind to the
+# image that just prefers some words to others scores 50 % on every pair: above 50 needs the image.
 
-def _main_scene(rng: np.random.Generator, max_objects: int, main_size: str) -> Scene:
-  """The main object (first) and 0..max_objects-1 small objects of other kinds, distinct cells."""
+def _main_scene(rng: np.random.Generator, max_objects: int, main_size: str,
+                main_kind: tuple[str, str]) -> Scene:
+  """The main object (first, of `main_kind` (colour, shape)) and 0..max_objects-1 small objects of
+  other kinds, in distinct cells."""
   n = 1 + int(rng.integers(max_objects))
   cells = rng.choice(GRID * GRID, size=n, replace=False)
-  kinds: list[tuple[str, str]] = []
-  for _ in range(n):
+  kinds: list[tuple[str, str]] = [main_kind]
+  while len(kinds) < n:
     kinds.append(_new_kind(rng, kinds))
   return tuple(_make_obj(rng, shape, colour, main_size if k == 0 else 'small', cells[k])
                for k, (colour, shape) in enumerate(kinds))
@@ -780,26 +786,49 @@ def _with_subject(claim: Claim, np_: NP) -> Claim:
   return (first._replace(subj=np_) if isinstance(first, Rel) else np_, *claim[1:])
 
 
-def _foil_from(rng, scene: Scene, caption: Claim, subjects: Sequence[NP], shuffle: bool) -> Claim:
-  """The caption with its subject replaced by the first of `subjects` (in random order if
-  `shuffle`) that makes it false of the scene."""
-  order = rng.permutation(len(subjects)) if shuffle else range(len(subjects))
-  for k in order:
-    foil = _with_subject(caption, subjects[int(k)])
-    if not holds(scene, foil):
-      return foil
-  raise AssertionError(f'no false replacement of the subject of {text(caption)!r} in {scene}')
+@functools.lru_cache(maxsize=None)
+def _has_heldout_main_scene(colour: str, shape: str, max_objects: int) -> bool:
+  """Whether a large main object of this kind with up to max_objects - 1 (at most 2 tried) small
+  objects of other kinds makes a held-out composition (not always so for max_objects=2)."""
+  main = ('large', colour, shape)
+  others = [('small', c, s) for c in COLOURS for s in SHAPES if (c, s) != (colour, shape)]
+  return any(_heldout_key(tuple(sorted((main, *more))))
+             for k in range(min(max_objects - 1, 2) + 1) for more in itertools.combinations(others, k))
 
 
-def _main_attribute_case(rng, max_objects, group: str, main_size: str) -> dict:
-  """VALSE replace-like, on the main object: "a large red circle above a small blue square" vs the
-  subject's colour, shape or size (`group`) replaced by another value."""
-  scene = _main_scene(rng, max_objects, main_size)
+def _main_pair(rng: np.random.Generator, group: str, max_objects: int) -> tuple:
+  """Two values of the main object's `group` ('colour', 'shape', 'size' or 'object' = its
+  (colour, shape) and the most similar other kind, `similar_kinds`), in random order."""
+  if group == 'object':
+    while True:
+      kind = (COLOURS[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))])
+      pair = [kind, similar_kinds(*kind)[0]]
+      if all(_has_heldout_main_scene(*k, max_objects) for k in pair):
+        break
+  else:
+    values = dict(colour=COLOURS, shape=SHAPES, size=SIZES)[group]
+    pair = [values[int(k)] for k in rng.choice(len(values), size=2, replace=False)]
+  return tuple(pair)
+
+
+def _main_case(rng, max_objects, group: str, shown, named) -> dict:
+  """The main object shows `shown` and the foil names `named` instead (values of `group`, see
+  `_main_pair`); its other attributes are random, its size large unless the group is 'size'.
+  The foil is false: the other objects are small and of other kinds than the main one."""
+  colour = COLOURS[int(rng.integers(len(COLOURS)))]
+  shape = SHAPES[int(rng.integers(len(SHAPES)))]
+  size = 'large'
+  if group == 'object':
+    colour, shape = shown
+  else:
+    colour, shape, size = {'colour': (shown, shape, size), 'shape': (colour, shown, size),
+                           'size': (colour, shape, shown)}[group]
+  scene = _main_scene(rng, max_objects, size, (colour, shape))
   caption = _main_caption(rng, scene)
   subj = main_subject(caption)
-  values = dict(colour=COLOURS, shape=SHAPES, size=SIZES)[group]
-  options = [subj._replace(**{group: v}) for v in values if v != getattr(subj, group)]
-  return _pair_case(scene, caption, _foil_from(rng, scene, caption, options, shuffle=True), group)
+  foil_subj = (subj._replace(colour=named[0], shape=named[1]) if group == 'object'
+               else subj._replace(**{group: named}))
+  return _pair_case(scene, caption, _with_subject(caption, foil_subj), group)
 
 
 def _distance_ranks(values: Sequence[str], distance) -> dict[str, list[str]]:
@@ -827,17 +856,6 @@ def similar_kinds(colour: str, shape: str) -> list[tuple[str, str]]:
   colours, shapes = _similar_colours()[colour], _similar_shapes()[shape]
   pairs = [(i + j, i, c, s) for i, c in enumerate(colours) for j, s in enumerate(shapes)]
   return [(c, s) for _, _, c, s in sorted(pairs)]
-
-
-def _main_object_case(rng, max_objects) -> dict:
-  """The main object replaced by a similar one (another colour and shape, `similar_kinds`):
-  "a large red circle above a small blue square" vs "a large yellow square above ...". The most
-  similar kind whose caption is false of the scene is used."""
-  scene = _main_scene(rng, max_objects, 'large')
-  caption = _main_caption(rng, scene)
-  subj = main_subject(caption)
-  options = [subj._replace(colour=c, shape=s) for c, s in similar_kinds(subj.colour, subj.shape)]
-  return _pair_case(scene, caption, _foil_from(rng, scene, caption, options, shuffle=False), 'object')
 
 
 def _winoground_case(rng, tag: str) -> dict:
@@ -901,8 +919,9 @@ def build_benchmark(seed: int = 0, image_size: int = 64, n_per_subset: int = 100
       'left'|'right'|'above'|'below' (the two objects exchanged); counting the true number;
       existence 'present' (foil "there is no X") | 'absent' (foil "there is a X");
       main_attribute 'colour'|'shape'|'size' (the main object's, i.e. the caption's subject's,
-      value replaced; groups in turn, the main object small in every other 'size' case);
-      main_object 'object' (the main object replaced by a similar one, `similar_kinds`).
+      value replaced; groups in turn); main_object 'object' (the main object replaced by a similar
+      one, `similar_kinds`). Both come in pairs of cases with the two values exchanged (case 2j
+      shows A and names B, case 2j + 1 shows B and names A).
     winoground: dict(images=uint8 [2, H, W, 3], captions=[c0, c1], tag='relation'|'attribute',
       scenes=(s0, s1)); caption k describes image k; both captions have the same words.
     retrieval: dict(image, caption, scene), `n_retrieval` (default n_per_subset) held-out scenes with
@@ -920,14 +939,14 @@ def build_benchmark(seed: int = 0, image_size: int = 64, n_per_subset: int = 100
   def maker(name: str, i: int):
     if name == 'existence':
       return lambda rng: _existence_case(rng, max_objects, i % 2 == 0)
-    if name == 'main_attribute':
-      group = MAIN_GROUPS[i % len(MAIN_GROUPS)]
-      size = 'small' if group == 'size' and (i // len(MAIN_GROUPS)) % 2 else 'large'
-      return lambda rng: _main_attribute_case(rng, max_objects, group, size)
+    if name in ('main_attribute', 'main_object'):
+      group = MAIN_GROUPS[(i // 2) % len(MAIN_GROUPS)] if name == 'main_attribute' else 'object'
+      pair = _main_pair(record_rng(seed, f'bench/{name}/pair', i // 2), group, max_objects)
+      shown, named = pair if i % 2 == 0 else pair[::-1]
+      return lambda rng: _main_case(rng, max_objects, group, shown, named)
     if name == 'winoground':
       return lambda rng: _winoground_case(rng, 'relation' if i % 2 == 0 else 'attribute')
-    make = dict(attribute=_attribute_case, relation=_relation_case, counting=_counting_case,
-                main_object=_main_object_case)[name]
+    make = dict(attribute=_attribute_case, relation=_relation_case, counting=_counting_case)[name]
     return lambda rng: make(rng, max_objects)
 
   bench: dict[str, list[dict]] = {}
