@@ -8,8 +8,8 @@ the stage-1 runs the rows need, then each row's continuation from its stage-1 ch
 (`--config.init_from`). Each run is a subprocess `python -m nas_jax.train` in
 <workdir>/seed<S>/<run> (its log in train.log there), so several small runs share one GPU: at
 most `--parallel` at a time, each allowed 0.9 / parallel of the GPU memory
-(XLA_PYTHON_CLIENT_MEM_FRACTION), all sharing one compilation cache (<workdir>/jax_cache), so the
-seeds after the first compile nothing.
+(XLA_PYTHON_CLIENT_MEM_FRACTION), all sharing one compilation cache (<workdir>/jax_cache), so a
+run whose program an earlier run compiled loads it.
 
 Resumable: a run whose eval.json reports its last step is done and skipped; an interrupted one
 resumes from its checkpoint (the train CLI does); Ctrl-C or SIGTERM stops every run cleanly (each

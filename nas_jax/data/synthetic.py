@@ -22,10 +22,10 @@ Text hard negatives (for NTA's (I, T_fg) pairs) are edits of the caption that ar
 scene: attributes swapped between two objects, relation order swapped, relation word flipped, wrong
 number, wrong colour / shape / size, negation flipped. Each candidate is checked with `holds`.
 
-Splits: a fixed hash of a scene's composition (its objects' size, colour and shape, positions
-ignored) reserves HELDOUT_FRACTION of all compositions for evaluation (`is_heldout`). The 'train'
-split never draws one; every other split and every benchmark case draws only those, so evaluation
-asks about sets of objects never trained on together.
+Splits: a fixed hash of a scene's composition (its sizes, colours and shapes, positions and which
+object has which ignored) reserves HELDOUT_FRACTION of all compositions for evaluation
+(`is_heldout`). The 'train' split never draws one; every other split and every benchmark case draws
+only those, so evaluation asks about combinations never trained on, in any binding.
 
 From the same generator, `build_benchmark` makes the fine-grained synthetic suite (attribute swap,
 relation swap, counting, existence, the main object's colour / shape / size replaced, the main
@@ -121,12 +121,19 @@ def _new_kind(rng: np.random.Generator, taken: Sequence[tuple[str, str]]) -> tup
 
 
 HELDOUT_FRACTION = 0.1   # Share of scene compositions kept for evaluation (see `is_heldout`).
-_MAX_DRAWS = 10_000      # Rejection-sampling guard; the acceptance rate is >= HELDOUT_FRACTION^2.
+_MAX_DRAWS = 10_000      # Rejection-sampling guard (acceptance is about HELDOUT_FRACTION).
 
 
-def composition(scene: Scene) -> tuple[tuple[str, str, str], ...]:
-  """What a scene is made of, positions ignored: its objects' (size, colour, shape), sorted."""
-  return tuple(sorted((o.size, o.colour, o.shape) for o in scene))
+def composition(scene: Scene) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+  """What a scene is made of, positions and bindings ignored: its sizes, its colours and its shapes,
+  each sorted. A scene and its rebindings (colours or sizes exchanged between objects, as in the
+  attribute-swap and Winoground foils) have the same composition."""
+  return _composition((o.size, o.colour, o.shape) for o in scene)
+
+
+def _composition(kinds) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+  kinds = list(kinds)   # (size, colour, shape) of each object.
+  return tuple(tuple(sorted(k[i] for k in kinds)) for i in range(3))
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -140,9 +147,9 @@ def is_heldout(scene: Scene) -> bool:
 
   A fixed hash of `composition(scene)` (the same for every seed and split) puts HELDOUT_FRACTION of
   all compositions aside. The 'train' split never draws one; every other split (held-out scenes,
-  the benchmark's cases) draws only those. So an evaluated scene is a set of objects the model never
-  saw together: each object kind (and each pair of attributes of one object) was trained on, the
-  combination was not.
+  the benchmark's cases) draws only those. So the model never saw an evaluated scene's sizes,
+  colours and shapes together, in any binding: neither the scene, nor its caption's rebindings
+  that the swap tasks use as foils. Each object kind was trained on, in other company.
   """
   return _heldout_key(composition(scene))
 
@@ -565,8 +572,8 @@ class SyntheticSource:
   for training and e.g. 'heldout' for evaluation.
 
   Scenes come from 'train' compositions on split='train' and from held-out ones on every other split
-  (`is_heldout`; `compositions` overrides: 'train', 'heldout' or 'all'), so no held-out scene's set
-  of objects is ever trained on.
+  (`is_heldout`; `compositions` overrides: 'train', 'heldout' or 'all'), so no held-out scene's
+  combination of sizes, colours and shapes is ever trained on.
 
   Captions are full descriptions (`describe`), except a fraction `p_existence` of "there is (no) X"
   statements. p_existence=None means 0.1 on 'train' and 0 on other splits, so held-out captions
@@ -792,7 +799,7 @@ def _has_heldout_main_scene(colour: str, shape: str, max_objects: int) -> bool:
   objects of other kinds makes a held-out composition (not always so for max_objects=2)."""
   main = ('large', colour, shape)
   others = [('small', c, s) for c in COLOURS for s in SHAPES if (c, s) != (colour, shape)]
-  return any(_heldout_key(tuple(sorted((main, *more))))
+  return any(_heldout_key(_composition((main, *more)))
              for k in range(min(max_objects - 1, 2) + 1) for more in itertools.combinations(others, k))
 
 
@@ -858,16 +865,27 @@ def similar_kinds(colour: str, shape: str) -> list[tuple[str, str]]:
   return [(c, s) for _, _, c, s in sorted(pairs)]
 
 
+@functools.lru_cache(maxsize=None)
+def _winoground_kinds(tag: str) -> list[tuple[tuple[str, str, str], tuple[str, str, str]]]:
+  """Every two (size, colour, shape) of different colours and shapes (`_two_kinds`) whose scene is a
+  held-out composition (its colour-swapped scene has the same composition), listed once to draw
+  from rather than by rejection."""
+  out = []
+  for z1, z2 in itertools.product(SIZES, repeat=2):
+    for (c1, c2), (s1, s2) in itertools.product(itertools.permutations(COLOURS, 2),
+                                                itertools.permutations(SHAPES, 2)):
+      scenes = [((z1, c1, s1), (z2, c2, s2))] + ([((z1, c2, s1), (z2, c1, s2))]
+                                                  if tag == 'attribute' else [])
+      if all(_heldout_key(_composition(k)) for k in scenes):
+        out.append(scenes[0])
+  return out
+
+
 def _winoground_case(rng, tag: str) -> dict:
   """Two scenes, two captions with the same words in a different order; caption k is true of image
   k only. 'relation': the two objects trade places; 'attribute': they trade colours."""
-  for _ in range(_MAX_DRAWS):  # Kinds first: rejecting here is cheap (both scenes held out).
-    (z1, c1, s1), (z2, c2, s2) = _two_kinds(rng, distinct_shapes=True)
-    kinds = [((z1, c1, s1), (z2, c2, s2))]
-    if tag == 'attribute':
-      kinds.append(((z1, c2, s1), (z2, c1, s2)))
-    if all(_heldout_key(tuple(sorted(k))) for k in kinds):
-      break
+  options = _winoground_kinds(tag)
+  (z1, c1, s1), (z2, c2, s2) = options[int(rng.integers(len(options)))]
   rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
   ca, cb = _cells_for(rng, rel)
   a0, b0 = _make_obj(rng, s1, c1, z1, ca), _make_obj(rng, s2, c2, z2, cb)
