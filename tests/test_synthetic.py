@@ -211,6 +211,8 @@ def test_bad_input_is_a_clear_error(train):
     S.parse('two red circle')
   with pytest.raises(ValueError, match='max_objects must be in 2..6'):
     S.build_benchmark(max_objects=1)
+  with pytest.raises(ValueError, match="compositions must be 'train', 'heldout', 'all'"):
+    S.SyntheticSource(10, compositions='test')
 
 
 def test_holds_semantics():
@@ -290,7 +292,8 @@ def test_oracle_scores_100_everywhere(bench):
     m = bench_lib.evaluate(bench, score, threshold=0.5, batch_size=50, **kwargs)
     for key in ('attribute', 'relation', 'counting', 'existence', 'pairwise_mean', 'itm_acc',
                 'winoground_text', 'winoground_image', 'winoground_group', 'txt_r1', 'img_r1',
-                'r_mean', 'relation/left', 'winoground_group/attribute'):
+                'r_mean', 'relation/left', 'winoground_group/attribute', 'main_attribute',
+                'main_attribute/shape', 'main_object'):
       assert m[key] == 100.0, (kwargs, key, m[key])
 
 
@@ -395,3 +398,113 @@ def test_heldout_itm_accuracy_metric():
   assert (out['heldout_itm_p_match'], out['heldout_itm_p_nonmatch'], out['heldout_itm_acc']) == (100.0, 0.0, 50.0)
   assert out['heldout_itm_pairwise'] == 0.0  # Ties fail.
   assert 'ITM on held-out scenes' in metrics.to_markdown(out, bench)
+
+
+# ------------------------------------------------------------------------------------------ main object
+
+def test_main_object_foils_change_exactly_the_probed_attribute(bench):
+  """main_attribute / main_object: the foil is the caption with only its subject (the main object)
+  changed, in exactly the probed attribute (both colour and shape for a similar object)."""
+  groups = {'colour': 0, 'shape': 0, 'size': 0}
+  main_small = 0
+  for name in ('main_attribute', 'main_object'):
+    for c in bench[name]:
+      scene, caption, foil = c['scene'], S.parse(c['caption']), S.parse(c['foil'])
+      assert S.holds(scene, caption) and not S.holds(scene, foil)
+      subj, fsubj = S.main_subject(caption), S.main_subject(foil)
+      assert S._with_subject(caption, fsubj) == foil      # Nothing but the subject changed.
+      changed = {f for f in ('colour', 'shape', 'size') if getattr(subj, f) != getattr(fsubj, f)}
+      # The main object: the only object of its kind, and the largest (the others are small).
+      (main,) = [o for o in scene if (o.colour, o.shape) == (subj.colour, subj.shape)]
+      assert main.size == subj.size and all(o.size == 'small' for o in scene if o is not main)
+      if name == 'main_attribute':
+        assert changed == {c['group']}
+        groups[c['group']] += 1
+        main_small += main.size == 'small'
+        assert main.size == 'large' or c['group'] == 'size'
+      else:
+        assert c['group'] == 'object' and changed == {'colour', 'shape'} and main.size == 'large'
+        # One of the two kinds is the other's most similar.
+        kind, other = (subj.colour, subj.shape), (fsubj.colour, fsubj.shape)
+        assert S.similar_kinds(*kind)[0] == other or S.similar_kinds(*other)[0] == kind
+  n = len(bench['main_attribute'])
+  assert all(abs(v - n / 3) <= 2 for v in groups.values()), groups   # Groups in turn, by pairs.
+  assert main_small == groups['size'] / 2   # "large" is the true word half the time.
+
+
+def test_main_object_pairs_cancel_image_blind_word_preferences():
+  """Cases 2j and 2j + 1 exchange the shown and the named value: a scorer that ignores the image
+  and adds up word weights wins exactly one of each pair."""
+  bench = S.build_benchmark(seed=5, image_size=16, n_per_subset=60, max_objects=2,
+                            subsets=('main_attribute', 'main_object'))
+  rng = np.random.default_rng(0)
+  for trial in range(3):
+    # Distinct powers of two: a changed word (or two) always changes the sum; exact in float64.
+    weight = dict(zip(S.vocab_words(), 2.0 ** rng.permutation(len(S.vocab_words()))))
+    blind = lambda im, t: np.array([sum(weight[w] for w in s.split()) for s in t], np.float64)
+    m = bench_lib.evaluate(bench, blind)
+    assert m['main_object'] == 50.0
+    assert all(m[f'main_attribute/{g}'] == pytest.approx(50.0, abs=100 / 18) for g in S.MAIN_GROUPS)
+  value = lambda np_, group: np_[:2] if group == 'object' else getattr(np_, group)
+  for name in ('main_attribute', 'main_object'):
+    cases = bench[name]
+    for a, b in zip(cases[0::2], cases[1::2]):
+      g = a['group']
+      shown_a, named_a = (value(S.main_subject(S.parse(a[k])), g) for k in ('caption', 'foil'))
+      shown_b, named_b = (value(S.main_subject(S.parse(b[k])), g) for k in ('caption', 'foil'))
+      assert b['group'] == g and (shown_a, named_a) == (named_b, shown_b)
+
+
+def test_similar_kinds_are_the_nearest_colour_and_shape():
+  kinds = S.similar_kinds('red', 'circle')
+  assert len(kinds) == len(set(kinds)) == (len(S.COLOURS) - 1) * (len(S.SHAPES) - 1)
+  assert all(c != 'red' and s != 'circle' for c, s in kinds)
+  assert kinds[0] == ('yellow', 'square')     # Nearest RGB colour, most overlapping shape.
+  assert S.similar_kinds('blue', 'square')[0] == ('green', 'circle')
+
+
+def test_heldout_compositions_are_disjoint_from_training(train, bench):
+  """Train scenes never have a held-out composition; held-out splits and every benchmark scene
+  only have those; about HELDOUT_FRACTION of all draws are held out."""
+  train_comps = {S.composition(train.scene(i)[0]) for i in range(2000)}
+  assert not any(S._heldout_key(c) for c in train_comps)
+  bench_comps = set()
+  for cases in bench.values():
+    for c in cases:
+      for scene in c.get('scenes', [c.get('scene')]):
+        assert S.is_heldout(scene)
+        bench_comps.add(S.composition(scene))
+  assert not bench_comps & train_comps
+  assert len(bench_comps) > 100 and {len(c[0]) for c in bench_comps} == {1, 2, 3}
+  # A scene with two objects' colours exchanged (the attribute-swap foil's scene) is held out too.
+  for c in bench['attribute']:
+    a, b = c['scene']
+    assert S.is_heldout((a._replace(colour=b.colour), b._replace(colour=a.colour)))
+  heldout = S.SyntheticSource(300, split='heldout', image_size=32)
+  assert all(S.is_heldout(heldout.scene(i)[0]) for i in range(300))
+  both = S.SyntheticSource(3000, split='train', compositions='all', image_size=32)
+  frac = np.mean([S.is_heldout(both.scene(i)[0]) for i in range(3000)])
+  assert abs(frac - S.HELDOUT_FRACTION) < 0.03
+  # The partition is a property of the world: the same for every seed.
+  other = S.SyntheticSource(300, seed=7, split='train', image_size=32)
+  assert not any(S.is_heldout(other.scene(i)[0]) for i in range(300))
+
+
+def test_main_object_subsets_are_deterministic(bench):
+  subsets = ('main_attribute', 'main_object')
+  again = S.build_benchmark(seed=3, image_size=32, n_per_subset=80, subsets=subsets)
+  other = S.build_benchmark(seed=4, image_size=32, n_per_subset=80, subsets=subsets)
+  for name in subsets:
+    assert [(c['caption'], c['foil']) for c in again[name]] == \
+        [(c['caption'], c['foil']) for c in bench[name]]
+    np.testing.assert_array_equal(np.stack([c['image'] for c in again[name]]),
+                                  np.stack([c['image'] for c in bench[name]]))
+    assert [c['caption'] for c in other[name]] != [c['caption'] for c in bench[name]]
+
+
+def test_markdown_has_the_main_object_rows(bench):
+  score, embed = _oracle(bench)
+  table = bench_lib.to_markdown(bench_lib.evaluate(bench, score, embed), bench)
+  assert "| Main object's colour / shape / size replaced (macro): pairwise acc | 100.0 | 50.0 | 80 |" in table
+  assert '| Main object replaced by a similar one: pairwise acc | 100.0 | 50.0 | 80 |' in table
+  assert "per attribute | 100.0 / 100.0 / 100.0 | 50.0 / 50.0 / 50.0 |" in table

@@ -2,11 +2,14 @@
 
 Each subset is scored the way the real benchmark it imitates is (docs/EVALUATION.md),
 always with strict `>` so a tie is a failure:
-  attribute, relation (ARO VG-Attribution / VG-Relation-like), counting, existence (VALSE-like):
+  attribute, relation (ARO VG-Attribution / VG-Relation-like), counting, existence (VALSE-like),
+  main_attribute, main_object (the main object's colour / shape / size replaced in the caption, or
+  the main object replaced by a similar one: what NVA's negatives train):
       pairwise accuracy = % of cases with score(image, caption) > score(image, foil). As ARO,
-      attribute and relation report the macro mean over their groups (attribute: 'colour' and
-      'size' swaps; relation: left / right / above / below); counting and existence, as VALSE's
-      acc_r, the plain (micro) accuracy. Every group's accuracy is reported too.
+      attribute, relation and main_attribute report the macro mean over their groups (attribute:
+      'colour' and 'size' swaps; relation: left / right / above / below; main_attribute: 'colour',
+      'shape', 'size'); counting, existence and main_object, as VALSE's acc_r, the plain (micro)
+      accuracy. Every group's accuracy is reported too.
   winoground: with s(c, i) the score of caption c and image i (caption k describes image k),
       text  ⇔ s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1);
       image ⇔ s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0);  group ⇔ text and image.
@@ -28,8 +31,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-PAIRWISE = ('attribute', 'relation', 'counting', 'existence')
-MACRO = ('attribute', 'relation')   # Macro mean over groups, as ARO; the others micro, as VALSE.
+PAIRWISE = ('attribute', 'relation', 'counting', 'existence', 'main_attribute', 'main_object')
+MACRO = ('attribute', 'relation', 'main_attribute')  # Macro over groups, as ARO; others micro (VALSE).
 RECALL_KS = (1, 5, 10)
 
 ScorePairs = Callable[[np.ndarray, Sequence[str]], np.ndarray]
@@ -40,6 +43,8 @@ _TITLES = {
     'relation': 'Relation order swap (ARO VG-Relation-like, macro)',
     'counting': 'Counting (VALSE-like)',
     'existence': 'Existence (VALSE-like)',
+    'main_attribute': "Main object's colour / shape / size replaced (macro)",
+    'main_object': 'Main object replaced by a similar one',
 }
 
 
@@ -144,8 +149,8 @@ def evaluate(bench: Mapping[str, list], score_pairs: ScorePairs | None = None,
              threshold: float | None = None) -> dict[str, float]:
   """Scores a built suite. Returns a flat dict of percentages.
 
-  Keys: per pairwise subset its accuracy (macro over groups for attribute and relation) and
-  '<subset>/<group>' breakdowns, 'pairwise_mean' (of the four);
+  Keys: per pairwise subset its accuracy (macro over groups for attribute, relation and
+  main_attribute) and '<subset>/<group>' breakdowns, 'pairwise_mean' (of those present);
   'winoground_text|image|group' (+ '/relation', '/attribute' tags); retrieval 'txt_r1/5/10',
   'img_r1/5/10', 'txt_r_mean', 'img_r_mean', 'r_mean'.
   Retrieval uses `embed` (ITC cosine), re-ranked by `score_pairs` on the top `k_test` when
@@ -248,6 +253,10 @@ def to_markdown(metrics: Mapping[str, float], bench: Mapping[str, list] | None =
   for name in PAIRWISE:
     if name in metrics:
       rows.append((f'{_TITLES[name]}: pairwise acc', f'{metrics[name]:.1f}', '50.0', count(name)))
+  groups = [f'main_attribute/{g}' for g in ('colour', 'shape', 'size')]
+  if all(k in metrics for k in groups):
+    rows.append(("Main object's colour / shape / size replaced, per attribute", _fmt(metrics, groups),
+                 '50.0 / 50.0 / 50.0', ''))
   if 'pairwise_mean' in metrics:
     rows.append(('Mean of the pairwise subsets', f'{metrics["pairwise_mean"]:.1f}', '50.0', ''))
   if 'itm_acc' in metrics:

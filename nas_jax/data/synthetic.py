@@ -22,17 +22,25 @@ Text hard negatives (for NTA's (I, T_fg) pairs) are edits of the caption that ar
 scene: attributes swapped between two objects, relation order swapped, relation word flipped, wrong
 number, wrong colour / shape / size, negation flipped. Each candidate is checked with `holds`.
 
+Splits: a fixed hash of a scene's composition (its sizes, colours and shapes, positions and which
+object has which ignored) reserves HELDOUT_FRACTION of all compositions for evaluation
+(`is_heldout`). The 'train' split never draws one; every other split and every benchmark case draws
+only those, so evaluation asks about combinations never trained on, in any binding.
+
 From the same generator, `build_benchmark` makes the fine-grained synthetic suite (attribute swap,
-relation swap, counting, existence, Winoground-style pairs, retrieval); its metrics are in
-`nas_jax.benchmarks.synthetic`.
+relation swap, counting, existence, the main object's colour / shape / size replaced, the main
+object replaced by a similar one, Winoground-style pairs, retrieval); its metrics are in
+`nas_jax.benchmarks.synthetic`. No material / texture attribute: small objects are 7 px across at
+48 px (radius 0.075 of the side), too small for a stripe or sheen to render clearly.
 
 Speed: `python -m nas_jax.data.synthetic --image_size 64` prints samples and records/s; on one core
-of the 2-core dev machine, about 3-4k records/s at 64 px with negatives (about 2k/s while other
-jobs share the core), 0.2 s to build the 6 x 100-case suite.
+of the 2-core dev machine, about 3-4k records/s at 64 px with negatives (about 1k/s while other
+jobs share the core), 1-2 s to build the 8 x 100-case suite (held-out cases are drawn by rejection).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -110,6 +118,53 @@ def _new_kind(rng: np.random.Generator, taken: Sequence[tuple[str, str]]) -> tup
     kind = (COLOURS[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))])
     if kind not in taken:
       return kind
+
+
+HELDOUT_FRACTION = 0.1   # Share of scene compositions kept for evaluation (see `is_heldout`).
+_MAX_DRAWS = 10_000      # Rejection-sampling guard (acceptance is about HELDOUT_FRACTION).
+
+
+def composition(scene: Scene) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+  """What a scene is made of, positions and bindings ignored: its sizes, its colours and its shapes,
+  each sorted. A scene and its rebindings (colours or sizes exchanged between objects, as in the
+  attribute-swap and Winoground foils) have the same composition."""
+  return _composition((o.size, o.colour, o.shape) for o in scene)
+
+
+def _composition(kinds) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+  kinds = list(kinds)   # (size, colour, shape) of each object.
+  return tuple(tuple(sorted(k[i] for k in kinds)) for i in range(3))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _heldout_key(comp: tuple) -> bool:
+  digest = hashlib.blake2b(repr(comp).encode(), digest_size=8).digest()
+  return int.from_bytes(digest, 'little') / 2.0 ** 64 < HELDOUT_FRACTION
+
+
+def is_heldout(scene: Scene) -> bool:
+  """Whether the scene's composition is reserved for evaluation.
+
+  A fixed hash of `composition(scene)` (the same for every seed and split) puts HELDOUT_FRACTION of
+  all compositions aside. The 'train' split never draws one; every other split (held-out scenes,
+  the benchmark's cases) draws only those. So the model never saw an evaluated scene's sizes,
+  colours and shapes together, in any binding: neither the scene, nor its caption's rebindings
+  that the swap tasks use as foils. Each object kind was trained on, in other company.
+  """
+  return _heldout_key(composition(scene))
+
+
+def sample_scene_from(rng: np.random.Generator, compositions: str, max_objects: int = 3,
+                      p_duplicate: float = 0.3) -> Scene:
+  """`sample_scene` restricted to 'train' compositions, 'heldout' ones (`is_heldout`) or 'all'
+  (by rejection: scenes are drawn until one fits)."""
+  if compositions not in ('train', 'heldout', 'all'):
+    raise ValueError(f"compositions must be 'train', 'heldout' or 'all', got {compositions!r}")
+  for _ in range(_MAX_DRAWS):
+    scene = sample_scene(rng, max_objects, p_duplicate)
+    if compositions == 'all' or is_heldout(scene) == (compositions == 'heldout'):
+      return scene
+  raise ValueError(f'no {compositions} scene in {_MAX_DRAWS} draws with max_objects={max_objects}')
 
 
 # ------------------------------------------------------------------------------------------ render
@@ -516,6 +571,10 @@ class SyntheticSource:
   text_negatives=False). Different (seed, split) pairs give independent streams; use split='train'
   for training and e.g. 'heldout' for evaluation.
 
+  Scenes come from 'train' compositions on split='train' and from held-out ones on every other split
+  (`is_heldout`; `compositions` overrides: 'train', 'heldout' or 'all'), so no held-out scene's
+  combination of sizes, colours and shapes is ever trained on.
+
   Captions are full descriptions (`describe`), except a fraction `p_existence` of "there is (no) X"
   statements. p_existence=None means 0.1 on 'train' and 0 on other splits, so held-out captions
   always describe the whole scene (retrieval). Identical scenes can repeat (single objects come in
@@ -529,7 +588,7 @@ class SyntheticSource:
   def __init__(self, num_records: int, *, seed: int = 0, split: str = 'train',
                image_size: int = 64, max_objects: int = 3, text_negatives: bool = True,
                p_existence: float | None = None, p_duplicate: float = 0.3, p_and: float = 0.25,
-               p_one: float = 0.1, max_negatives: int = 4):
+               p_one: float = 0.1, max_negatives: int = 4, compositions: str | None = None):
     if int(num_records) < 1:
       raise ValueError(f'SyntheticSource: num_records must be >= 1, got {num_records}')
     if not 1 <= int(max_objects) <= MAX_OBJECTS:
@@ -541,6 +600,9 @@ class SyntheticSource:
                     ('p_existence', p_existence)):
       if p is not None and not 0.0 <= p <= 1.0:
         raise ValueError(f'SyntheticSource: {name} must be a probability in [0, 1], got {p}')
+    if compositions not in (None, 'train', 'heldout', 'all'):
+      raise ValueError(f"SyntheticSource: compositions must be 'train', 'heldout', 'all' or None "
+                       f"(by split), got {compositions!r}")
     self.num_records = int(num_records)
     self.seed = int(seed)
     self.split = split
@@ -553,6 +615,7 @@ class SyntheticSource:
     self.p_and = float(p_and)
     self.p_one = float(p_one)
     self.max_negatives = int(max_negatives)
+    self.compositions = compositions or ('train' if split == 'train' else 'heldout')
 
   def __len__(self) -> int:
     return self.num_records
@@ -571,7 +634,7 @@ class SyntheticSource:
     """The record's scene, its caption's claim, and the RNG positioned after them."""
     i = self._check(index)
     rng = np.random.default_rng([self.seed, self._split_id, i])
-    scene = sample_scene(rng, self.max_objects, self.p_duplicate)
+    scene = sample_scene_from(rng, self.compositions, self.max_objects, self.p_duplicate)
     if self.p_existence and rng.random() < self.p_existence:
       claim = existence_claim(scene, rng)
     else:
@@ -596,8 +659,11 @@ def source_kwargs(synthetic_cfg, split: str = 'train') -> dict:
 
 # ------------------------------------------------------------------------------------------ benchmark
 
-BENCH_SUBSETS = ('attribute', 'relation', 'counting', 'existence', 'winoground', 'retrieval')
-PAIRWISE_SUBSETS = ('attribute', 'relation', 'counting', 'existence')
+BENCH_SUBSETS = ('attribute', 'relation', 'counting', 'existence', 'main_attribute', 'main_object',
+                 'winoground', 'retrieval')
+PAIRWISE_SUBSETS = ('attribute', 'relation', 'counting', 'existence', 'main_attribute',
+                    'main_object')
+MAIN_GROUPS = ('colour', 'shape', 'size')   # The main object's attribute replaced (main_attribute).
 
 
 def _two_kinds(rng: np.random.Generator, distinct_shapes: bool) -> list[tuple[str, str, str]]:
@@ -622,14 +688,19 @@ def _np(o: Obj, size: bool = True) -> NP:
   return NP(o.colour, o.shape, o.size if size else None)
 
 
-def _pair_case(rng, scene, caption: Claim, foil: Claim, group: str, image_size: int) -> dict:
+def _pair_case(scene, caption: Claim, foil: Claim, group: str) -> dict:
+  """A caption-vs-foil case; `_heldout_case` checks it and renders it once its scene is kept."""
+  return dict(caption=caption, foil=foil, group=group, scene=scene)
+
+
+def _checked_pair(case: dict) -> dict:
+  scene, caption, foil = case['scene'], case['caption'], case['foil']
   if not holds(scene, caption) or holds(scene, foil):  # Guaranteed by construction.
     raise AssertionError(f'bad benchmark case {text(caption)!r} / {text(foil)!r} for {scene}')
-  return dict(image=render(scene, image_size), caption=text(caption), foil=text(foil),
-              group=group, scene=scene)
+  return dict(case, caption=text(caption), foil=text(foil))
 
 
-def _attribute_case(rng, image_size, max_objects) -> dict:
+def _attribute_case(rng, max_objects) -> dict:
   """ARO VG-Attribution-like: "a small red circle and a large blue square" vs the two colours (or
   the two sizes) exchanged."""
   (z1, c1, s1), (z2, c2, s2) = _two_kinds(rng, distinct_shapes=True)
@@ -640,20 +711,20 @@ def _attribute_case(rng, image_size, max_objects) -> dict:
   scene = (_make_obj(rng, s1, c1, z1, cells[0]), _make_obj(rng, s2, c2, z2, cells[1]))
   a, b = _np(scene[0]), _np(scene[1])
   fa, fb = _swap_attr(a, b, group)
-  return _pair_case(rng, scene, (a, b), (fa, fb), group, image_size)
+  return _pair_case(scene, (a, b), (fa, fb), group)
 
 
-def _relation_case(rng, image_size, max_objects) -> dict:
+def _relation_case(rng, max_objects) -> dict:
   """ARO VG-Relation-like: "a X to the left of a Y" vs "a Y to the left of a X"."""
   (z1, c1, s1), (z2, c2, s2) = _two_kinds(rng, distinct_shapes=False)
   rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
   ca, cb = _cells_for(rng, rel)
   scene = (_make_obj(rng, s1, c1, z1, ca), _make_obj(rng, s2, c2, z2, cb))
   a, b = _np(scene[0]), _np(scene[1])
-  return _pair_case(rng, scene, (Rel(a, rel, b),), (Rel(b, rel, a),), rel, image_size)
+  return _pair_case(scene, (Rel(a, rel, b),), (Rel(b, rel, a),), rel)
 
 
-def _counting_case(rng, image_size, max_objects) -> dict:
+def _counting_case(rng, max_objects) -> dict:
   """VALSE counting-like: "three red circles" vs a wrong number (1..max_objects); the scene may
   hold other objects of other kinds."""
   n = int(rng.integers(2, max_objects + 1))
@@ -666,22 +737,155 @@ def _counting_case(rng, image_size, max_objects) -> dict:
   scene = tuple(_make_obj(rng, s, c, SIZES[int(rng.integers(2))], cell)
                 for (c, s), cell in zip(kinds, cells))
   scene = tuple(scene[int(k)] for k in rng.permutation(len(scene)))
-  return _pair_case(rng, scene, (NP(colour, shape, None, n),),
-                    (NP(colour, shape, None, int(wrong)),), str(n), image_size)
+  return _pair_case(scene, (NP(colour, shape, None, n),), (NP(colour, shape, None, int(wrong)),),
+                    str(n))
 
 
-def _existence_case(rng, image_size, max_objects, positive: bool) -> dict:
+def _existence_case(rng, max_objects, positive: bool) -> dict:
   """VALSE existence-like: "there is a X" vs "there is no X" (and the reverse for absent X)."""
   scene = sample_scene(rng, max_objects)
   claim = existence_claim(scene, rng, positive)
   foil = (claim[0]._replace(positive=not positive),)
-  return _pair_case(rng, scene, claim, foil, 'present' if positive else 'absent', image_size)
+  return _pair_case(scene, claim, foil, 'present' if positive else 'absent')
 
 
-def _winoground_case(rng, image_size, tag: str) -> dict:
+# The main object: the caption's subject (its first noun phrase). Its (colour, shape) is unique in
+# the scene and it is the largest object: large, every other object small (in the 'size' cases where
+# the caption says "small", it is small like the rest).
+#
+# Cases come in pairs with the same two values the other way round (case 2j: the image shows value
+# A, the foil says B; case 2j + 1: the image shows B, the foil says A), so a scorer blind to the
+# image that just prefers some words to others scores 50 % on every pair: above 50 needs the image.
+
+def _main_scene(rng: np.random.Generator, max_objects: int, main_size: str,
+                main_kind: tuple[str, str]) -> Scene:
+  """The main object (first, of `main_kind` (colour, shape)) and 0..max_objects-1 small objects of
+  other kinds, in distinct cells."""
+  n = 1 + int(rng.integers(max_objects))
+  cells = rng.choice(GRID * GRID, size=n, replace=False)
+  kinds: list[tuple[str, str]] = [main_kind]
+  while len(kinds) < n:
+    kinds.append(_new_kind(rng, kinds))
+  return tuple(_make_obj(rng, shape, colour, main_size if k == 0 else 'small', cells[k])
+               for k, (colour, shape) in enumerate(kinds))
+
+
+def _main_caption(rng: np.random.Generator, scene: Scene) -> Claim:
+  """A full description with the main object (scene[0]) as its subject: "a large red circle above a
+  small blue square and a small green star" (related to the next object 3 times in 4)."""
+  main, rest = scene[0], list(scene[1:])
+  if rest and rng.random() < 0.75:
+    rels = _true_relations(main, rest[0])
+    first = Rel(_np(main), rels[int(rng.integers(len(rels)))], _np(rest.pop(0)))
+  else:
+    first = _np(main)
+  return (first, *(_np(o) for o in rest))
+
+
+def main_subject(claim: Claim) -> NP:
+  """The caption's subject: the noun phrase it names first."""
+  first = claim[0]
+  return first.np if isinstance(first, Exists) else first.subj if isinstance(first, Rel) else first
+
+
+def _with_subject(claim: Claim, np_: NP) -> Claim:
+  first = claim[0]
+  return (first._replace(subj=np_) if isinstance(first, Rel) else np_, *claim[1:])
+
+
+@functools.lru_cache(maxsize=None)
+def _has_heldout_main_scene(colour: str, shape: str, max_objects: int) -> bool:
+  """Whether a large main object of this kind with up to max_objects - 1 (at most 2 tried) small
+  objects of other kinds makes a held-out composition (not always so for max_objects=2)."""
+  main = ('large', colour, shape)
+  others = [('small', c, s) for c in COLOURS for s in SHAPES if (c, s) != (colour, shape)]
+  return any(_heldout_key(_composition((main, *more)))
+             for k in range(min(max_objects - 1, 2) + 1) for more in itertools.combinations(others, k))
+
+
+def _main_pair(rng: np.random.Generator, group: str, max_objects: int) -> tuple:
+  """Two values of the main object's `group` ('colour', 'shape', 'size' or 'object' = its
+  (colour, shape) and the most similar other kind, `similar_kinds`), in random order."""
+  if group == 'object':
+    while True:
+      kind = (COLOURS[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))])
+      pair = [kind, similar_kinds(*kind)[0]]
+      if all(_has_heldout_main_scene(*k, max_objects) for k in pair):
+        break
+  else:
+    values = dict(colour=COLOURS, shape=SHAPES, size=SIZES)[group]
+    pair = [values[int(k)] for k in rng.choice(len(values), size=2, replace=False)]
+  return tuple(pair)
+
+
+def _main_case(rng, max_objects, group: str, shown, named) -> dict:
+  """The main object shows `shown` and the foil names `named` instead (values of `group`, see
+  `_main_pair`); its other attributes are random, its size large unless the group is 'size'.
+  The foil is false: the other objects are small and of other kinds than the main one."""
+  colour = COLOURS[int(rng.integers(len(COLOURS)))]
+  shape = SHAPES[int(rng.integers(len(SHAPES)))]
+  size = 'large'
+  if group == 'object':
+    colour, shape = shown
+  else:
+    colour, shape, size = {'colour': (shown, shape, size), 'shape': (colour, shown, size),
+                           'size': (colour, shape, shown)}[group]
+  scene = _main_scene(rng, max_objects, size, (colour, shape))
+  caption = _main_caption(rng, scene)
+  subj = main_subject(caption)
+  foil_subj = (subj._replace(colour=named[0], shape=named[1]) if group == 'object'
+               else subj._replace(**{group: named}))
+  return _pair_case(scene, caption, _with_subject(caption, foil_subj), group)
+
+
+def _distance_ranks(values: Sequence[str], distance) -> dict[str, list[str]]:
+  return {v: sorted((w for w in values if w != v), key=lambda w: (distance(v, w), w)) for v in values}
+
+
+@functools.lru_cache(maxsize=None)
+def _similar_colours() -> dict[str, list[str]]:
+  """Each colour's others, nearest first (Euclidean RGB distance)."""
+  rgb = {c: np.asarray(v, np.float64) for c, v in _RGB.items()}
+  return _distance_ranks(COLOURS, lambda a, b: float(np.linalg.norm(rgb[a] - rgb[b])))
+
+
+@functools.lru_cache(maxsize=None)
+def _similar_shapes() -> dict[str, list[str]]:
+  """Each shape's others, nearest first (pixels that differ between the two large masks, 64 px)."""
+  masks = {s: render((Obj(s, 'white', 'large', 1, 1, 0.5, 0.5),), 64)[..., 0] > 137 for s in SHAPES}
+  return _distance_ranks(SHAPES, lambda a, b: int((masks[a] ^ masks[b]).sum()))
+
+
+def similar_kinds(colour: str, shape: str) -> list[tuple[str, str]]:
+  """Every (colour, shape) with a different colour AND a different shape, most similar first: by the
+  sum of the colour's rank among the nearest colours and the shape's among the nearest shapes (then
+  colour first). E.g. a red circle's most similar other object is a yellow square."""
+  colours, shapes = _similar_colours()[colour], _similar_shapes()[shape]
+  pairs = [(i + j, i, c, s) for i, c in enumerate(colours) for j, s in enumerate(shapes)]
+  return [(c, s) for _, _, c, s in sorted(pairs)]
+
+
+@functools.lru_cache(maxsize=None)
+def _winoground_kinds(tag: str) -> list[tuple[tuple[str, str, str], tuple[str, str, str]]]:
+  """Every two (size, colour, shape) of different colours and shapes (`_two_kinds`) whose scene is a
+  held-out composition (its colour-swapped scene has the same composition), listed once to draw
+  from rather than by rejection."""
+  out = []
+  for z1, z2 in itertools.product(SIZES, repeat=2):
+    for (c1, c2), (s1, s2) in itertools.product(itertools.permutations(COLOURS, 2),
+                                                itertools.permutations(SHAPES, 2)):
+      scenes = [((z1, c1, s1), (z2, c2, s2))] + ([((z1, c2, s1), (z2, c1, s2))]
+                                                  if tag == 'attribute' else [])
+      if all(_heldout_key(_composition(k)) for k in scenes):
+        out.append(scenes[0])
+  return out
+
+
+def _winoground_case(rng, tag: str) -> dict:
   """Two scenes, two captions with the same words in a different order; caption k is true of image
   k only. 'relation': the two objects trade places; 'attribute': they trade colours."""
-  (z1, c1, s1), (z2, c2, s2) = _two_kinds(rng, distinct_shapes=True)
+  options = _winoground_kinds(tag)
+  (z1, c1, s1), (z2, c2, s2) = options[int(rng.integers(len(options)))]
   rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
   ca, cb = _cells_for(rng, rel)
   a0, b0 = _make_obj(rng, s1, c1, z1, ca), _make_obj(rng, s2, c2, z2, cb)
@@ -691,14 +895,32 @@ def _winoground_case(rng, image_size, tag: str) -> dict:
   else:
     a1, b1 = _make_obj(rng, s1, c2, z1, ca), _make_obj(rng, s2, c1, z2, cb)
     captions = ((Rel(_np(a0), rel, _np(b0)),), (Rel(_np(a1), rel, _np(b1)),))
-  scenes = ((a0, b0), (a1, b1))
+  return dict(captions=captions, tag=tag, scenes=((a0, b0), (a1, b1)))
+
+
+def _checked_winoground(case: dict) -> dict:
+  scenes, captions = case['scenes'], case['captions']
   texts = [text(c) for c in captions]
   ok = (all(holds(scenes[k], captions[k]) and not holds(scenes[k], captions[1 - k])
             for k in range(2)) and sorted(texts[0].split()) == sorted(texts[1].split()))
   if not ok:
     raise AssertionError(f'bad Winoground-style case {texts} for {scenes}')
-  return dict(images=np.stack([render(s, image_size) for s in scenes]), captions=texts, tag=tag,
-              scenes=scenes)
+  return dict(case, captions=texts)
+
+
+def _heldout_case(make, rng: np.random.Generator, image_size: int) -> dict:
+  """Draws cases with `make(rng)` until every scene of one is a held-out composition
+  (`is_heldout`), then checks it (captions true, foils false) and renders it: image [H, W, 3] (one
+  scene) or images [2, H, W, 3] (two); claims become caption strings."""
+  for _ in range(_MAX_DRAWS):
+    case = make(rng)
+    scenes = case['scenes'] if 'scenes' in case else (case['scene'],)
+    if all(is_heldout(s) for s in scenes):
+      if 'scenes' in case:
+        return dict(_checked_winoground(case),
+                    images=np.stack([render(s, image_size) for s in scenes]))
+      return dict(_checked_pair(case), image=render(case['scene'], image_size))
+  raise AssertionError(f'build_benchmark: no case with held-out scenes in {_MAX_DRAWS} draws')
 
 
 def build_benchmark(seed: int = 0, image_size: int = 64, n_per_subset: int = 100, *,
@@ -706,12 +928,18 @@ def build_benchmark(seed: int = 0, image_size: int = 64, n_per_subset: int = 100
                     subsets: Sequence[str] = BENCH_SUBSETS) -> dict[str, list[dict]]:
   """The fine-grained synthetic suite (metrics: `nas_jax.benchmarks.synthetic.evaluate`).
 
-  Every case has its own RNG from (seed, 'bench/<subset>', index), a stream disjoint from the
-  training splits. Returns {subset: cases}:
-    attribute, relation, counting, existence (caption vs foil, one image):
-      dict(image=uint8 [H, W, 3], caption=str, foil=str, group=str, scene=Scene)
-      groups: attribute 'colour'|'size'; relation 'left'|'right'|'above'|'below'; counting the true
-      number; existence 'present' (foil "there is no X") | 'absent' (foil "there is a X").
+  Every case has its own RNG from (seed, 'bench/<subset>', index), a stream apart from the training
+  splits, and every scene of every case is a held-out composition (`is_heldout`): a set of objects
+  the 'train' split never shows together. Returns {subset: cases}:
+    attribute, relation, counting, existence, main_attribute, main_object (caption vs foil, one
+    image): dict(image=uint8 [H, W, 3], caption=str, foil=str, group=str, scene=Scene)
+      groups: attribute 'colour'|'size' (two objects' values exchanged); relation
+      'left'|'right'|'above'|'below' (the two objects exchanged); counting the true number;
+      existence 'present' (foil "there is no X") | 'absent' (foil "there is a X");
+      main_attribute 'colour'|'shape'|'size' (the main object's, i.e. the caption's subject's,
+      value replaced; groups in turn); main_object 'object' (the main object replaced by a similar
+      one, `similar_kinds`). Both come in pairs of cases with the two values exchanged (case 2j
+      shows A and names B, case 2j + 1 shows B and names A).
     winoground: dict(images=uint8 [2, H, W, 3], captions=[c0, c1], tag='relation'|'attribute',
       scenes=(s0, s1)); caption k describes image k; both captions have the same words.
     retrieval: dict(image, caption, scene), `n_retrieval` (default n_per_subset) held-out scenes with
@@ -725,31 +953,34 @@ def build_benchmark(seed: int = 0, image_size: int = 64, n_per_subset: int = 100
   unknown = set(subsets) - set(BENCH_SUBSETS)
   if unknown:
     raise ValueError(f'build_benchmark: unknown subsets {sorted(unknown)}; use {BENCH_SUBSETS}')
+
+  def maker(name: str, i: int):
+    if name == 'existence':
+      return lambda rng: _existence_case(rng, max_objects, i % 2 == 0)
+    if name in ('main_attribute', 'main_object'):
+      group = MAIN_GROUPS[(i // 2) % len(MAIN_GROUPS)] if name == 'main_attribute' else 'object'
+      pair = _main_pair(record_rng(seed, f'bench/{name}/pair', i // 2), group, max_objects)
+      shown, named = pair if i % 2 == 0 else pair[::-1]
+      return lambda rng: _main_case(rng, max_objects, group, shown, named)
+    if name == 'winoground':
+      return lambda rng: _winoground_case(rng, 'relation' if i % 2 == 0 else 'attribute')
+    make = dict(attribute=_attribute_case, relation=_relation_case, counting=_counting_case)[name]
+    return lambda rng: make(rng, max_objects)
+
   bench: dict[str, list[dict]] = {}
-
-  def rng_of(name, i):
-    return record_rng(seed, f'bench/{name}', i)
-
-  makers = dict(attribute=_attribute_case, relation=_relation_case, counting=_counting_case)
   for name in subsets:
-    if name in makers:
-      bench[name] = [makers[name](rng_of(name, i), image_size, max_objects)
-                     for i in range(n_per_subset)]
-    elif name == 'existence':
-      bench[name] = [_existence_case(rng_of(name, i), image_size, max_objects, i % 2 == 0)
-                     for i in range(n_per_subset)]
-    elif name == 'winoground':
-      bench[name] = [_winoground_case(rng_of(name, i), image_size,
-                                      'relation' if i % 2 == 0 else 'attribute')
-                     for i in range(n_per_subset)]
-    elif name == 'retrieval':
+    if name == 'retrieval':
       bench[name] = _retrieval_cases(seed, image_size, n_retrieval or n_per_subset, max_objects)
+    else:
+      bench[name] = [_heldout_case(maker(name, i), record_rng(seed, f'bench/{name}', i), image_size)
+                     for i in range(n_per_subset)]
   return bench
 
 
 def _retrieval_cases(seed: int, image_size: int, n: int, max_objects: int) -> list[dict]:
   src = SyntheticSource(10 ** 9, seed=seed, split='bench/retrieval', image_size=image_size,
-                        max_objects=max_objects, text_negatives=False, p_existence=0.0)
+                        max_objects=max_objects, text_negatives=False, p_existence=0.0,
+                        compositions='heldout')
   cases, seen = [], set()
   for i in range(100 * n):
     scene, claim, _ = src.scene(i)
