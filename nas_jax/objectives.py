@@ -1,8 +1,9 @@
 """The three pre-training objectives (total L = L_itc + L_mlm + L_itm), as pure functions.
 
 Semantics are ALBEF's (salesforce/ALBEF `models/model_pretrain.py`, `model_retrieval.py`, `xbert.py`)
-with NAS's extra FGITM pair groups (DESIGN.md). Everything here is jit-able with static shapes;
-losses and softmaxes are computed in float32 whatever the input dtype.
+with NAS's extra FGITM pair groups: (I_fg, T), the NVA-augmented image with its own caption, and
+(I, T_fg), the image with a hard-negative caption (`itm_pairs`). Everything here is jit-able with
+static shapes; losses and softmaxes are computed in float32 whatever the input dtype.
 
   ITC   image-text contrastive loss against [momentum features of the batch ; queue], momentum
         distillation targets (1 - alpha) onehot + alpha softmax(sim_m); `alpha_schedule` ramps alpha.
@@ -224,7 +225,7 @@ class ItmGroup(NamedTuple):
 
 def itm_pairs(neg_image_idx: Array, neg_text_idx: Array, *, nva: bool = False,
               text_negatives: bool = False) -> tuple[list[ItmGroup], Array]:
-  """The FGITM pair groups (DESIGN.md) in the fixed order of ITM_GROUPS, and labels [P] int32.
+  """The FGITM pair groups in the fixed order of ITM_GROUPS, and labels [P] int32.
 
     pos        (I, T)       1
     text_neg   (I, T_neg)   0      T_neg = text[neg_text_idx]
