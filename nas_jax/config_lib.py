@@ -191,7 +191,7 @@ def base_config() -> ml_collections.ConfigDict:
           p_existence=0.1,      # Train captions that are "there is (no) X" (held-out: none).
           p_duplicate=0.3,      # An object repeats an earlier (colour, shape): counting captions.
           p_and=0.25,           # Two single objects listed with "and" instead of related.
-          bench_per_subset=100,  # Cases per subset of the synthetic fine-grained suite.
+          bench_per_subset=200,  # Cases per subset of the synthetic suite in training.
       )),
   ))
 
@@ -205,10 +205,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0           # 0: only at the end.
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True,
+      benches=(),              # Benchmarks run in training (nas_jax/benchmarks/registry.py); () =
+                               # the synthetic suite on synthetic data, none on real data.
+      data_dir='',             # Their files, as for `python -m nas_jax.eval --data_dir`.
       batch_size=64,
       max_text_len=40,
-      k_test=16,
-      score='itm',             # 'itm' (logit difference) or 'itc' (cosine).
+      k_test=16,               # The synthetic suite's retrieval re-ranking shortlist.
+      score='',                # '' = each benchmark's own (docs/EVALUATION.md), or one for all.
   ))
   return c
 

@@ -32,27 +32,18 @@ official code: winoground.jsonl, valse.jsonl, aro/*.npy, retrieval_*.npz).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from typing import Sequence
 
-BENCHMARKS = ('valse', 'aro', 'winoground', 'retrieval_coco', 'retrieval_flickr', 'synthetic')
-DEFAULT_SCORE = {'valse': 'itm_p', 'aro': 'itm_p', 'winoground': 'itm_p',
-                 'retrieval_coco': 'itm_l1', 'retrieval_flickr': 'itm_l1', 'synthetic': 'itm'}
-# Ordinary English captions: a BERT vocabulary knows every word of them (some as word pieces).
-VOCAB_PROBE = ('a man riding a horse on the beach next to a dog',
-               'two women are playing with a frisbee in the park',
-               'the grass is eating the horse', 'an old person kisses a young person',
-               'there are exactly four kites flying over the ocean')
-MAX_UNKNOWN_SHARE = 0.2
-DEFAULT_TOKENS = {'valse': 40, 'aro': 40, 'winoground': 40, 'retrieval_coco': 30,
-                  'retrieval_flickr': 30, 'synthetic': None}
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  from nas_jax.benchmarks.aro import TASKS as ARO_TASKS
+  from nas_jax.benchmarks import registry
+  from nas_jax.benchmarks.aro import BACKENDS, DEFAULT_SEEDS, TASKS as ARO_TASKS
   from nas_jax.benchmarks.common import SCORE_MODES
+  from nas_jax.benchmarks.registry import BENCHMARKS
   p = argparse.ArgumentParser(prog='python -m nas_jax.eval', description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split('\n\n', 1)[1])
@@ -81,22 +72,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "repository's script does; 'none': count every valid pair (Bugliarello et al.'s notebook)")
   p.add_argument('--aro_tasks', default=','.join(ARO_TASKS),
                  help=f'comma-separated ARO tasks to run (default: all of {", ".join(ARO_TASKS)})')
-  p.add_argument('--aro_seeds', default='1,2,3,4,5', help='seeds of the Order perturbations')
+  p.add_argument('--aro_seeds', default=','.join(map(str, DEFAULT_SEEDS)), help='seeds of the Order perturbations')
   p.add_argument('--aro_order_file', action='append', default=[],
                  help='TASK=PATH: precomputed Order cases (ARO test_cases json), e.g. coco_order=/x/seed1.json')
-  p.add_argument('--aro_perturbation', choices=('official', 'fallback'), default='official',
+  p.add_argument('--aro_perturbation', choices=BACKENDS, default='official',
                  help="Order perturbations: 'official' (spaCy en_core_web_sm + NLTK, the extra "
                  "nas_jax[aro]) or 'fallback' (approximate tagger, named in the table)")
   p.add_argument('--synthetic_n', type=int, default=200, help='cases per synthetic subset')
   p.add_argument('--synthetic_seed', type=int, default=0)
   args = p.parse_args(argv)
   benches = [b.strip() for group in args.bench for b in group.split(',') if b.strip()]
-  unknown = [b for b in benches if b not in BENCHMARKS]
+  unknown = registry.unknown_names(benches)
   if unknown:
     p.error(f'unknown benchmark(s) {unknown}: use {", ".join(BENCHMARKS)}')
   args.bench = list(dict.fromkeys(benches))
-  if any(b != 'synthetic' for b in args.bench) and not args.data_dir:
-    p.error(f'--data_dir is required for {[b for b in args.bench if b != "synthetic"]}')
+  if registry.english(args.bench) and not args.data_dir:
+    p.error(f'--data_dir is required for {registry.english(args.bench)}')
   args.aro_tasks = [t.strip() for t in args.aro_tasks.split(',') if t.strip()]
   bad = [t for t in args.aro_tasks if t not in ARO_TASKS]
   if bad:
@@ -112,141 +103,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
-# ---------------------------------------------------------------------------------------- data check
+def bench_options(args: argparse.Namespace):
+  """registry.Options of the command line (the synthetic world comes with the checkpoint's config)."""
+  from nas_jax.benchmarks import registry
+  return registry.Options(
+      data_dir=args.data_dir, score=args.score or '', max_tokens=args.max_tokens,
+      k_test=args.k_test, valse_skip=args.valse_skip, aro_tasks=tuple(args.aro_tasks),
+      aro_seeds=tuple(args.aro_seeds), aro_order_files=args.aro_order_file,
+      aro_perturbation=args.aro_perturbation)
 
-def check_data(bench: str, args: argparse.Namespace) -> None:
-  """Raises BenchmarkDataError when an official file of `bench` is missing, and
-  aro.PerturbationBackendError when the ARO Order tasks lack spaCy / NLTK (before any model work)."""
-  from nas_jax.benchmarks import common, retrieval, valse, winoground
-  d = args.data_dir
-  if bench == 'valse':
-    root = os.path.join(d, 'valse')
-    for stem in valse.STEMS:
-      valse.find_file(root, stem)
-    common.require('valse', os.path.join(root, 'images'), valse.SOURCE, what='folder')
-  elif bench == 'winoground':
-    root = os.path.join(d, 'winoground')
-    winoground.find_examples(root)
-    common.require('winoground', os.path.join(root, 'images'), winoground.SOURCE, what='folder')
-  elif bench in ('retrieval_coco', 'retrieval_flickr'):
-    retrieval.find_json(bench, d)
-  elif bench == 'aro':
+
+def check_data(args: argparse.Namespace, opts) -> None:
+  """Every file of every --bench, before any model work (raises BenchmarkDataError or
+  aro.PerturbationBackendError)."""
+  from nas_jax.benchmarks import common, registry
+  for bench in args.bench:
     try:
-      _check_aro(args)
+      registry.check(bench, opts)
     except common.BenchmarkDataError as e:
+      if bench != 'aro':
+        raise
       raise common.BenchmarkDataError(
           f'{e}; to run the other ARO tasks only, pass --aro_tasks (now: {",".join(args.aro_tasks)})'
       ) from None
-
-
-def _check_aro(args: argparse.Namespace) -> None:
-  from nas_jax.benchmarks import aro, common, retrieval
-  root = os.path.join(args.data_dir, 'aro')
-  for task in args.aro_tasks:
-    if task in aro.VG_FILES:
-      common.require(f'aro/{task}', os.path.join(root, aro.VG_FILES[task]), aro.SOURCE)
-      common.require(f'aro/{task}', os.path.join(root, 'images'), aro.SOURCE, what='folder')
-    elif task in args.aro_order_file:
-      for path in args.aro_order_file[task]:
-        common.require(f'aro/{task}', path,
-                       'the ARO test_cases you generated (docs/EVALUATION.md, ARO Order)')
-    else:
-      bench = 'retrieval_coco' if task == 'coco_order' else 'retrieval_flickr'
-      try:
-        retrieval.find_json(bench, args.data_dir)
-      except common.BenchmarkDataError as e:
-        raise common.BenchmarkDataError(str(e).replace(f'[{bench}]', f'[aro/{task}]')) from None
-      if args.aro_perturbation == 'official':
-        aro.official_backend()
-
-
-# ---------------------------------------------------------------------------------------- run
-
-def run_benchmark(bench: str, scorer, args: argparse.Namespace, config, scores_dir: str | None = None):
-  """One benchmark's BenchResult; its per-example score files go under `scores_dir` (None: none)."""
-  from nas_jax.benchmarks import aro, retrieval, valse, winoground
-  mode = args.score or DEFAULT_SCORE[bench]
-  tokens = args.max_tokens or DEFAULT_TOKENS[bench]
-  d = args.data_dir
-  if bench == 'valse':
-    return valse.evaluate(os.path.join(d, 'valse'), scorer, mode=mode, max_tokens=tokens,
-                          skip_rule=args.valse_skip, scores_dir=scores_dir)
-  if bench == 'winoground':
-    return winoground.evaluate(os.path.join(d, 'winoground'), scorer, mode=mode, max_tokens=tokens,
-                               scores_dir=scores_dir)
-  if bench == 'aro':
-    return aro.evaluate(d, scorer, mode=mode, max_tokens=tokens, tasks=args.aro_tasks,
-                        seeds=args.aro_seeds, order_files=args.aro_order_file,
-                        backend=args.aro_perturbation, scores_dir=scores_dir)
-  if bench in ('retrieval_coco', 'retrieval_flickr'):
-    return retrieval.evaluate(bench, d, scorer, mode=mode, k=args.k_test or None, max_tokens=tokens,
-                              scores_dir=scores_dir)
-  if bench == 'synthetic':
-    return run_synthetic(scorer, args, config, mode)
-  raise ValueError(bench)
-
-
-def evaluate_synthetic(config, model, params, batch_stats, mesh=None, tokenizer=None, *,
-                       n_per_subset: int = 200, seed: int = 0, mode: str | None = None,
-                       k_test: int | None = None, scorer=None) -> tuple[dict, str]:
-  """The built-in synthetic suite (nas_jax.benchmarks.synthetic) through a ModelScorer.
-
-  Usable from training (same arguments as train.run_evals passes). Returns (metrics, Markdown
-  table). `mesh`: a mesh with a 'data' axis; one spanning other processes' devices is replaced by
-  this process's devices. Score: config.eval.score unless `mode` is given; k_test likewise.
-  """
-  import jax
-  from nas_jax.benchmarks import model_scorer, synthetic
-  from nas_jax.data import synthetic as world
-  from nas_jax.data.text import load_tokenizer
-  mode = mode or config.eval.score
-  k_test = config.eval.k_test if k_test is None else k_test
-  if scorer is None:
-    if mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat):
-      mesh = None
-    scorer = model_scorer.ModelScorer(
-        model, params, batch_stats, tokenizer or load_tokenizer(config.data.vocab),
-        image_size=config.model.vit.image_size, batch_size=config.eval.batch_size,
-        max_tokens=config.eval.max_text_len, mesh=mesh, show_progress=False)
-  bench = world.build_benchmark(seed=seed, image_size=config.data.image_size,
-                                n_per_subset=n_per_subset,
-                                max_objects=config.data.synthetic.max_objects)
-  score_pairs, embed = model_scorer.synthetic_callables(scorer, mode)
-  metrics = synthetic.evaluate(bench, score_pairs, embed, batch_size=1 << 30, k_test=k_test,
-                               threshold=0.0 if mode == 'itm' else None)
-  metrics['num_cases'] = float(sum(len(v) for v in bench.values()))
-  return metrics, synthetic.to_markdown(metrics, bench)
-
-
-def run_synthetic(scorer, args, config, mode: str):
-  from nas_jax.benchmarks import common
-  k_test = args.k_test or config.eval.k_test
-  metrics, table = evaluate_synthetic(config, None, None, None, n_per_subset=args.synthetic_n,
-                                      seed=args.synthetic_seed, mode=mode, k_test=k_test,
-                                      scorer=scorer)
-  keys = [('Attribute', 'attribute'), ('Relation', 'relation'), ('Counting', 'counting'),
-          ('Existence', 'existence'), ('Pairwise mean', 'pairwise_mean'),
-          ('Wino text', 'winoground_text'), ('Wino image', 'winoground_image'),
-          ('Wino group', 'winoground_group'), ('TR@1', 'txt_r1'), ('IR@1', 'img_r1'),
-          ('R mean', 'r_mean')]
-  headline = {name: metrics[k] for name, k in keys if k in metrics}
-  return common.BenchResult(
-      name='synthetic', headline=headline, tables={'Synthetic suite': table},
-      details={'metrics': metrics},
-      protocol={'score': mode, 'seed': args.synthetic_seed, 'cases per subset': args.synthetic_n,
-                'retrieval k_test': k_test, 'comparison': 'strict >'})
-
-
-def unknown_word_share(tokenizer, texts: Sequence[str] = VOCAB_PROBE) -> float:
-  """Share of the word tokens of `texts` (cleaned as ALBEF does) that `tokenizer` maps to [UNK]:
-  0 for BERT's vocabulary, most of them for a vocabulary made for something else (the synthetic
-  world's ~40 words). A content check: two vocabularies of equal size can differ."""
-  from nas_jax.data.text import pre_caption
-  cleaned = [pre_caption(t, 60) for t in texts]
-  ids, mask = tokenizer(cleaned, 64)
-  special = {tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id}
-  words = [int(i) for row, m in zip(ids, mask) for i, on in zip(row, m) if on and i not in special]
-  return sum(i == tokenizer.unk_id for i in words) / max(len(words), 1)
 
 
 def _load(args: argparse.Namespace):
@@ -254,6 +133,7 @@ def _load(args: argparse.Namespace):
   SystemExit(2) after printing a one-line error saying what to pass."""
   import logging
   from nas_jax import checkpoint
+  from nas_jax.benchmarks import registry
   from nas_jax.config_lib import load_config_file
   from nas_jax.data.text import load_tokenizer
 
@@ -278,14 +158,12 @@ def _load(args: argparse.Namespace):
     tokenizer = load_tokenizer(args.vocab or config.data.vocab)
   except FileNotFoundError as e:
     fail(f'{e}'.splitlines()[0])
-  english = [b for b in args.bench if b != 'synthetic']
-  share = unknown_word_share(tokenizer) if english else 0.0
-  if share > MAX_UNKNOWN_SHARE:
+  problem = registry.vocabulary_problem(tokenizer, args.bench)
+  if problem:
     trained = ("; the checkpoint was trained on the synthetic world's vocabulary"
                if config.data.vocab == 'synthetic' and not args.vocab else '')
-    fail(f"the vocabulary {tokenizer.vocab_file} maps {share:.0%} of the words of ordinary English "
-         f"captions to [UNK], so {', '.join(english)} would be scored on [UNK]s{trained}: pass --vocab "
-         "with bert-base-uncased's vocab.txt (for a model trained on it), or run --bench synthetic only")
+    fail(f"{problem}{trained}: pass --vocab with bert-base-uncased's vocab.txt (for a model trained "
+         "on it), or run --bench synthetic only")
   if tokenizer.vocab_size != config.model.bert.vocab_size:
     fail(f'the vocabulary {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens but the model has '
          f"{config.model.bert.vocab_size}: pass --vocab with the model's vocab.txt (bert-base-uncased "
@@ -295,11 +173,11 @@ def _load(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  from nas_jax.benchmarks import aro, common, report
+  from nas_jax.benchmarks import aro, common, registry, report
 
+  opts = bench_options(args)
   try:  # Fail before loading anything heavy.
-    for bench in args.bench:
-      check_data(bench, args)
+    check_data(args, opts)
   except (common.BenchmarkDataError, aro.PerturbationBackendError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -312,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, params, batch_stats, tokenizer = _load(args)
   except SystemExit as e:
     return int(e.code)
+  opts = dataclasses.replace(opts, synthetic=registry.SyntheticWorld.from_config(
+      config, n_per_subset=args.synthetic_n, seed=args.synthetic_seed))
   image_size = config.model.vit.image_size  # Position embeddings fix the resolution.
   model = NASModel(config=config.model)
   scorer = ModelScorer(model, params, batch_stats, tokenizer, image_size=image_size,
@@ -330,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scorer.desc = bench
     t0 = time.time()
     try:
-      result = run_benchmark(bench, scorer, args, config, scores_dir)
+      result = registry.run(bench, scorer, opts, scores_dir)
     except common.BenchmarkDataError as e:  # A missing or unreadable image, a malformed record.
       print(f'error: {e}', file=sys.stderr)
       return 2

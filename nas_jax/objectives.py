@@ -1,8 +1,9 @@
 """The three pre-training objectives (total L = L_itc + L_mlm + L_itm), as pure functions.
 
 Semantics are ALBEF's (salesforce/ALBEF `models/model_pretrain.py`, `model_retrieval.py`, `xbert.py`)
-with NAS's extra FGITM pair groups (`itm_group_names`). Everything here is jit-able with static shapes;
-losses and softmaxes are computed in float32 whatever the input dtype.
+with NAS's extra FGITM pair groups: (I_fg, T), the NVA-augmented image with its own caption, and
+(I, T_fg), the image with a hard-negative caption (`itm_group_names`). Everything here is jit-able
+with static shapes; losses and softmaxes are computed in float32 whatever the input dtype.
 
   ITC   image-text contrastive loss against [momentum features of the batch ; queue], momentum
         distillation targets (1 - alpha) onehot + alpha softmax(sim_m); `alpha_schedule` ramps alpha.

@@ -239,10 +239,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
 
 
 def run_evals(config, model, state, mesh, tokenizer, writer, step, workdir, *, final: bool) -> dict:
-  """Synthetic fine-grained suite + held-out retrieval + ITM accuracy (synthetic data only)."""
-  if config.data.source != "synthetic" or not config.eval.enabled:
+  """The benchmarks of `config.eval.benches` (default: the synthetic suite on synthetic data, none
+  on real data; nas_jax/benchmarks/registry.py) on the current parameters: metrics with prefix
+  eval/, <workdir>/eval.json and eval.md, and after the last step the tables on stdout."""
+  if not config.eval.enabled:
     return {}
-  from nas_jax.eval import evaluate_synthetic
+  from nas_jax.benchmarks import model_scorer, registry
+  benches, options = registry.training_plan(config, tokenizer)
+  if not benches:
+    return {}
   params, batch_stats = state.params, state.batch_stats
   if jax.process_count() > 1:
     # The state's arrays span other hosts' devices; every process evaluates (the same numbers) on
@@ -252,7 +257,15 @@ def run_evals(config, model, state, mesh, tokenizer, writer, step, workdir, *, f
     params, batch_stats = multihost_utils.process_allgather((params, batch_stats), tiled=True)
     mesh = sharding.make_mesh(types.SimpleNamespace(data=-1, fsdp=1), jax.local_devices())
   with jax.set_mesh(mesh):
-    metrics, table = evaluate_synthetic(config, model, params, batch_stats, mesh, tokenizer)
+    scorer = model_scorer.ModelScorer(
+        model, params, batch_stats, tokenizer, image_size=config.model.vit.image_size,
+        batch_size=config.eval.batch_size, max_tokens=config.eval.max_text_len, mesh=mesh,
+        show_progress=False)
+    results = []
+    for bench in benches:
+      results.append(registry.run(bench, scorer, options))
+      scorer.clear_cache()
+  metrics, table = registry.summary(results)
   writer.write(step, metrics, prefix="eval/")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:

@@ -12,11 +12,12 @@ import zlib
 from PIL import Image
 
 
-def image(path: pathlib.Path, size: tuple[int, int] = (12, 10)) -> None:
-  """A small RGB image at `path` whose colour is a function of its name."""
+def image(path: pathlib.Path, size: tuple[int, int] = (12, 10), mode: str = "RGB") -> None:
+  """A small image (RGB or RGBA) at `path` whose colour is a function of its name."""
   path.parent.mkdir(parents=True, exist_ok=True)
   h = zlib.crc32(path.name.encode())
-  Image.new("RGB", size, (h % 256, (h >> 8) % 256, (h >> 16) % 256)).save(path)
+  colour = (h % 256, (h >> 8) % 256, (h >> 16) % 256) + (255,) * (mode == "RGBA")
+  Image.new(mode, size, colour).save(path)
 
 
 def valse(samples: pathlib.Path, data_dir: pathlib.Path) -> pathlib.Path:
@@ -33,7 +34,8 @@ def valse(samples: pathlib.Path, data_dir: pathlib.Path) -> pathlib.Path:
 
 
 def winoground(samples: pathlib.Path, data_dir: pathlib.Path) -> pathlib.Path:
-  """<data_dir>/winoground/examples.jsonl (the sample) + images/<name>.png."""
+  """<data_dir>/winoground/examples.jsonl (the sample) + images/<name>.png, RGBA for odd example
+  ids (the real files mix RGB and RGBA)."""
   root = data_dir / "winoground"
   (root / "images").mkdir(parents=True, exist_ok=True)
   text = (samples / "Winoground" / "examples.sample.jsonl").read_text()
@@ -41,7 +43,7 @@ def winoground(samples: pathlib.Path, data_dir: pathlib.Path) -> pathlib.Path:
   for line in text.splitlines():
     e = json.loads(line)
     for k in (0, 1):
-      image(root / "images" / f"{e[f'image_{k}']}.png")
+      image(root / "images" / f"{e[f'image_{k}']}.png", mode="RGBA" if e["id"] % 2 else "RGB")
   return root
 
 

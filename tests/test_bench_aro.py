@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from nas_jax.benchmarks import aro, common
+
+import bench_data
 
 
 def test_exclusion_list_matches_the_authors_notebook(samples_dir):
@@ -24,9 +25,8 @@ def _vg_case(image, box, true, false, **extra):
 
 def _write_vg(tmp_path, relation_cases, attribution_cases):
   root = tmp_path / 'aro'
-  (root / 'images').mkdir(parents=True)
   for name in ('2316.jpg', '2407.jpg'):
-    Image.new('RGB', (40, 30), (10, 200, 30)).save(root / 'images' / name)
+    bench_data.image(root / 'images' / name, size=(40, 30))
   (root / 'visual_genome_relation.json').write_text(json.dumps(relation_cases))
   (root / 'visual_genome_attribution.json').write_text(json.dumps(attribution_cases))
   return root
@@ -82,40 +82,26 @@ def test_vg_relation_and_attribution(tmp_path):
   att = np.load(vga['score_file'])
   assert rel.shape == (8, 1, 2) and att.shape == (len(att_spec), 1, 2) and rel.dtype == np.float32
   assert vgr['score_file'].endswith('aro/VG_Relation--None--None--nas_jax--1--si2t.npy')
-  records = _aro_vg_relation_records(rel, [c['relation_name'] for c in rel_cases])
-  kept = [r['Accuracy'] for r in records if r['Relation'] not in aro.EXCLUDED_RELATIONS]
+  records = _aro_evaluate_scores(rel, [c['relation_name'] for c in rel_cases], min_count=1)
+  kept = [r['Accuracy'] for r in records if r['Group'] not in aro.EXCLUDED_RELATIONS]
   assert 100 * np.mean(kept) == pytest.approx(res.headline['Relation'])
-  records = _aro_vg_attribution_records(att, [f'{a}_{b}' for a, b, _ in att_spec])
+  records = _aro_evaluate_scores(att, [f'{a}_{b}' for a, b, _ in att_spec], min_count=25)
   assert 100 * np.mean([r['Accuracy'] for r in records]) == pytest.approx(res.headline['Attribute'])
 
 
-def _aro_vg_relation_records(scores, all_relations):
-  """VG_Relation.evaluate_scores of the ARO repo (dataset_zoo/aro_datasets.py), transcribed."""
+def _aro_evaluate_scores(scores, groups, min_count):
+  """VG_Relation / VG_Attribution.evaluate_scores of the ARO repo (dataset_zoo/aro_datasets.py),
+  transcribed; the two differ only in the smallest group kept (relation: 1, attribution: 25)."""
   preds = np.argmax(np.squeeze(scores, axis=1), axis=-1)
   correct_mask = (preds == 1)
-  all_relations = np.array(all_relations)
+  groups = np.array(groups)
   records = []
-  for relation in np.unique(all_relations):
-    relation_mask = (all_relations == relation)
-    if relation_mask.sum() == 0:
+  for group in np.unique(groups):
+    group_mask = (groups == group)
+    if group_mask.sum() < min_count:
       continue
-    records.append({'Relation': relation, 'Accuracy': correct_mask[relation_mask].mean(),
-                    'Count': relation_mask.sum()})
-  return records
-
-
-def _aro_vg_attribution_records(scores, all_attributes):
-  """VG_Attribution.evaluate_scores of the ARO repo, transcribed (the >= 25 filter is inside)."""
-  preds = np.argmax(np.squeeze(scores, axis=1), axis=-1)
-  correct_mask = (preds == 1)
-  all_attributes = np.array(all_attributes)
-  records = []
-  for attr in np.unique(all_attributes):
-    attr_mask = (all_attributes == attr)
-    if attr_mask.sum() < 25:
-      continue
-    records.append({'Attributes': attr, 'Accuracy': correct_mask[attr_mask].mean(),
-                    'Count': attr_mask.sum()})
+    records.append({'Group': group, 'Accuracy': correct_mask[group_mask].mean(),
+                    'Count': group_mask.sum()})
   return records
 
 
@@ -202,20 +188,10 @@ def test_perturbations_are_token_permutations():
   assert again[0] == common.aro_pre_caption(caption, 30)
 
 
-def _coco_dir(samples_dir, tmp_path):
-  root = tmp_path / 'coco'
-  records = json.loads((samples_dir / 'ALBEF' / 'coco_test.sample.json').read_text())
-  (root / 'val2014').mkdir(parents=True)
-  (root / 'coco_karpathy_test.json').write_text(json.dumps(records))
-  for r in records:
-    Image.new('RGB', (6, 4)).save(root / r['image'])
-  return root, records
-
-
 def test_order_precomputed_files_mean_over_seeds(samples_dir, tmp_path):
   """Two files in the ARO test_cases format. Seed A: original wins, ties with a perturbation
   (right), loses -> 2/3. Seed B: all three right -> 3/3. Mean = 83.33."""
-  root, records = _coco_dir(samples_dir, tmp_path)
+  root, records = bench_data.coco(samples_dir, tmp_path, 'coco_karpathy_test.json')
   img = [r['image'] for r in records[:3]]
   opts = [[f'caption {k} option {j}' for j in range(5)] for k in range(3)]
   cases = [{'image': i, 'caption_options': o} for i, o in zip(img, opts)]
@@ -244,7 +220,7 @@ def test_order_precomputed_files_mean_over_seeds(samples_dir, tmp_path):
 def test_order_generated_from_karpathy_json(samples_dir, tmp_path):
   """Originals score 1, perturbations 0 -> every case right; the reverse -> right only where all
   four perturbations equal the original (ties resolve to index 0)."""
-  root, records = _coco_dir(samples_dir, tmp_path)
+  root, records = bench_data.coco(samples_dir, tmp_path, 'coco_karpathy_test.json')
   originals = {common.aro_pre_caption(c, 30) for r in records for c in r['caption']}
   res = aro.evaluate(str(tmp_path), common.TableScorer(lambda ref, t: float(t in originals)),
                      tasks=('coco_order',), seeds=(1, 2), backend='fallback',

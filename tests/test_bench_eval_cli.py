@@ -1,16 +1,18 @@
 """`python -m nas_jax.eval`: argument handling, one-line errors (missing data, checkpoint,
 vocabulary, ARO extra), and an end-to-end run on a tiny checkpoint with a BERT vocabulary (synthetic
-suite + Winoground fixture in one call, per-example score files)."""
+suite + Winoground fixture in one call, per-example score files), which training's evaluation
+(`train.run_evals`, the same registry) matches."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
-from PIL import Image
 
 from nas_jax import eval as nas_eval
 
+import bench_data
 from step_utils import tiny_config
 
 
@@ -73,9 +75,10 @@ def test_argument_errors(capsys):
 
 
 def test_unknown_word_share(minilm_dir):
+  from nas_jax.benchmarks import registry
   from nas_jax.data.text import load_tokenizer
-  assert nas_eval.unknown_word_share(load_tokenizer(str(minilm_dir))) == 0.0
-  assert nas_eval.unknown_word_share(load_tokenizer('synthetic')) > 0.5
+  assert registry.unknown_word_share(load_tokenizer(str(minilm_dir))) == 0.0
+  assert registry.unknown_word_share(load_tokenizer('synthetic')) > 0.5
 
 
 def _save_tiny(tmp_path, config):
@@ -99,14 +102,7 @@ def test_end_to_end_tiny_checkpoint(tmp_path, samples_dir, minilm_dir, capsys):
   c = tiny_config(**{'model.bert.vocab_size': 30522, 'data.vocab': str(minilm_dir)})
   model, params, batch_stats = _save_tiny(tmp_path, c)
 
-  wino = tmp_path / 'data' / 'winoground'
-  (wino / 'images').mkdir(parents=True)
-  text = (samples_dir / 'Winoground' / 'examples.sample.jsonl').read_text()
-  (wino / 'examples.jsonl').write_text(text)
-  for line in text.splitlines():
-    e = json.loads(line)
-    for k in (0, 1):
-      Image.new('RGBA', (20, 12), (e['id'] * 7 % 256, 40 * k, 9, 255)).save(wino / 'images' / f'{e[f"image_{k}"]}.png')
+  wino = bench_data.winoground(samples_dir, tmp_path / 'data')
 
   out = tmp_path / 'out'
   rc = nas_eval.main(['--bench', 'synthetic,winoground', '--checkpoint', str(tmp_path / 'run'),
@@ -133,14 +129,32 @@ def test_end_to_end_tiny_checkpoint(tmp_path, samples_dir, minilm_dir, capsys):
   assert w['details']['score_file'] == str(out / 'scores' / 'winoground.jsonl') and len(lines) == 56
   assert json.loads(lines[3])['label'] == '0_c1_i1' and 0.0 <= json.loads(lines[3])['score'] <= 1.0
 
-  # The in-training entry point (train.run_evals' arguments): same metrics from params directly.
+  # Training's evaluation (train.run_evals, benchmarks from config.eval.benches) on the same
+  # parameters: the same numbers, as metrics eval/..., eval.json, eval.md and the printed table.
+  from nas_jax import train
   from nas_jax.benchmarks.model_scorer import data_mesh
   from nas_jax.data.text import load_tokenizer
-  metrics, table = nas_eval.evaluate_synthetic(c, model, params, batch_stats, data_mesh(),
-                                               load_tokenizer(str(minilm_dir)), n_per_subset=4)
-  for key in ('attribute', 'winoground_group', 'r_mean'):
+  from nas_jax.metrics_writer import MetricWriter
+  ct = tiny_config(**{'model.bert.vocab_size': 30522, 'data.vocab': str(minilm_dir),
+                      'eval.benches': ('synthetic', 'winoground'),
+                      'eval.data_dir': str(tmp_path / 'data'), 'data.synthetic.bench_per_subset': 4})
+  workdir = tmp_path / 'train'
+  writer = MetricWriter(str(workdir), tensorboard=False)
+  metrics = train.run_evals(ct, model, types.SimpleNamespace(params=params, batch_stats=batch_stats),
+                            data_mesh(), load_tokenizer(str(minilm_dir)), writer, 7, str(workdir),
+                            final=True)
+  writer.close()
+  for key in ('attribute', 'winoground_group', 'r_mean', 'num_cases'):
     assert metrics[key] == pytest.approx(syn['details']['metrics'][key])
-  assert table == syn['tables']['Synthetic suite']
+  for column in ('Text', 'Image', 'Group'):
+    assert metrics[f'winoground/{column}'] == pytest.approx(w['headline'][column])
+  assert json.loads((workdir / 'eval.json').read_text()) == pytest.approx({'step': 7, **metrics})
+  md = (workdir / 'eval.md').read_text()
+  assert md.startswith(syn['tables']['Synthetic suite'] + '\n\n## winoground\n')
+  row = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert row['step'] == 7 and row['eval/winoground/Group'] == metrics['winoground/Group']
+  assert row['eval/attribute'] == metrics['attribute']
+  assert f'Evaluation after 7 steps ({workdir}):\n\n{md}' in capsys.readouterr().out
 
   # A vocabulary that is not BERT's is refused by content, before any scoring, in one line.
   rc = nas_eval.main(['--bench', 'winoground', '--checkpoint', str(tmp_path / 'run'),

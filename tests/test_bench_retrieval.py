@@ -1,13 +1,12 @@
 """Retrieval: recall against a brute-force reference, hand cases, and the ALBEF pipeline on the
 sample coco_test.json with fixed ITC features and ITM logits."""
 
-import json
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from nas_jax.benchmarks import common, retrieval
+
+import bench_data
 
 
 def _albef_itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
@@ -121,16 +120,6 @@ def test_topk_indices():
   assert retrieval.topk_indices(sims, 9).tolist() == [[3, 1, 2, 0], [2, 3, 0, 1]]
 
 
-def _coco_fixture(samples_dir, tmp_path):
-  root = tmp_path / 'coco'
-  records = json.loads((samples_dir / 'ALBEF' / 'coco_test.sample.json').read_text())
-  (root / 'val2014').mkdir(parents=True)
-  (root / 'coco_test.json').write_text(json.dumps(records))
-  for r in records:
-    Image.new('RGB', (6, 4), (30, 60, 90)).save(root / r['image'])
-  return root, records
-
-
 def _scorer(root, records, swapped_logits=(0.0, 0.0)):
   """ITC: image i = e_i; captions of image i = e_i, except image 0's (e_0 + e_6, cos 0.707) and
   text 5 = image 1's first caption (2 e_0 + e_1: cos 0.894 with image 0, 0.447 with image 1).
@@ -152,7 +141,7 @@ def _scorer(root, records, swapped_logits=(0.0, 0.0)):
 
 
 def test_pipeline_shortlist_rerank_multicaption(samples_dir, tmp_path):
-  root, records = _coco_fixture(samples_dir, tmp_path)
+  root, records = bench_data.coco(samples_dir, tmp_path)
   assert [len(r['caption']) for r in records] == [5, 5, 5, 5, 5, 6]
   # k = 1: image 0's shortlist is text 5 alone (ITC 0.894 > 0.707), its own captions get -100 and
   # tie with 25 non-GT texts -> missed at 1/5/10. Text 5's shortlist is image 0 (ITM 0 > -100); its own
@@ -169,7 +158,7 @@ def test_pipeline_shortlist_rerank_multicaption(samples_dir, tmp_path):
   itc = res.details['recall_itc_only']
   assert itc['txt_r1'] == pytest.approx(500 / 6) and itc['txt_r5'] == 100.0
   assert itc['img_r1'] == pytest.approx(3000 / 31)  # Text 5: image 0 (0.894) above image 1 (0.447).
-  assert set(scorer.image_sizes.values()) == {(6, 4)}
+  assert set(scorer.image_sizes.values()) == {(12, 10)}
   # The score file holds ALBEF's two matrices: itm_eval on them gives the same recalls.
   with np.load(res.details['score_file']) as f:
     i2t, t2i, txt2img = f['score_matrix_i2t'], f['score_matrix_t2i'], f['txt2img']
@@ -194,7 +183,7 @@ def test_pipeline_shortlist_rerank_multicaption(samples_dir, tmp_path):
 
 
 def test_pairs_scored_once_and_image_major(samples_dir, tmp_path):
-  root, records = _coco_fixture(samples_dir, tmp_path)
+  root, records = bench_data.coco(samples_dir, tmp_path)
   scorer = _scorer(root, records)
   retrieval.evaluate('retrieval_coco', str(tmp_path), scorer, k=64)
   assert scorer.calls == [('itc', 6 + 31), ('itm', 6 * 31)]  # Both directions: each pair once.

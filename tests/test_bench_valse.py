@@ -1,30 +1,18 @@
 """VALSE reader, validity filter, acc_r, columns and averages; reference scores of ALBEF-4M."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from nas_jax.benchmarks import common, valse
+
+import bench_data
 
 # Valid records (mturk.caption >= 2) per sample file, counted by hand from the sample JSONs.
 SAMPLE_VALID = {'existence': 9, 'plurals': 11, 'counting-hard': 8, 'counting-small-quant': 8,
                 'counting-adversarial': 8, 'relations': 10, 'action-replacement': 9,
                 'actant-swap': 9, 'coreference-standard': 6, 'coreference-hard': 9, 'foil-it': 9}
-
-
-def _valse_dir(samples_dir, tmp_path):
-  """The 11 sample files under their official names (links, read in place) + generated images."""
-  root = tmp_path / 'valse'
-  (root / 'images').mkdir(parents=True)
-  for stem in valse.STEMS:
-    src = samples_dir / 'VALSE' / f'{stem}.sample.json'
-    os.symlink(src, root / f'{stem}.json')
-    for r in json.loads(src.read_text()).values():
-      Image.new('RGB', (8, 6), (len(r['image_file']) * 9 % 256, 0, 0)).save(root / 'images' / r['image_file'])
-  return root
 
 
 def _records(samples_dir, stem):
@@ -48,7 +36,7 @@ def test_fixture_accuracies_columns_averages(samples_dir, tmp_path):
   """ITM logits (0, v): captions v = 1; in every file the first 5 valid foils v = -1 (right), the
   6th ties at 1 (wrong: strict >), the rest 2 (wrong). So correct = 5 in every file. (No foil has
   v = 0, i.e. l0 == l1, which the VALSE script would skip: test_skip_rule covers that.)"""
-  root = _valse_dir(samples_dir, tmp_path)
+  root = bench_data.valse(samples_dir, tmp_path)
   table = {}
   for stem in valse.STEMS:
     valid = [r for r in _records(samples_dir, stem).values() if r['mturk']['caption'] >= 2]
@@ -109,7 +97,7 @@ def test_albef_reference_scores(samples_dir, tmp_path):
   for line in path.read_text().splitlines():
     r = json.loads(line)
     ref[(r['id'], r['type'])] = r['score']
-  root = _valse_dir(samples_dir, tmp_path)
+  root = bench_data.valse(samples_dir, tmp_path)
   table = {}
   for idx, r in enumerate(_records(samples_dir, 'actant-swap').values()):
     if idx < 10 and (idx, 'caption') in ref:
@@ -125,7 +113,7 @@ def test_albef_reference_scores(samples_dir, tmp_path):
 
 def _one_pair_dir(samples_dir, tmp_path):
   """The actant-swap sample alone; returns (root, [(image ref, caption, foil)] of its valid pairs)."""
-  root = _valse_dir(samples_dir, tmp_path)
+  root = bench_data.valse(samples_dir, tmp_path)
   valid = [r for r in _records(samples_dir, 'actant-swap').values() if r['mturk']['caption'] >= 2]
   return root, [(common.ImageRef(str(root / 'images' / r['image_file'])),
                  common.albef_pre_caption(r['caption'], 40), common.albef_pre_caption(r['foil'], 40))
@@ -188,7 +176,8 @@ def test_softmax_saturation_makes_ties(samples_dir, tmp_path):
 
 
 def test_published_albef_summary():
-  """FORMATS.md §8: ALBEF-4M correct/valid counts -> the published columns and averages."""
+  """Bugliarello et al.'s ALBEF-4M counts (correct / valid per instrument, recomputed from their
+  released per-example file; docs/EVALUATION.md, VALSE) -> the published columns and averages."""
   counts = {'existence': (360, 505), 'plurals': (671, 851), 'counting-hard': (540, 868),
             'counting-small-quant': (586, 900), 'counting-adversarial': (413, 691),
             'relations': (391, 535), 'action-replacement': (477, 648), 'actant-swap': (554, 949),

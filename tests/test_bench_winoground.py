@@ -8,6 +8,8 @@ from PIL import Image
 
 from nas_jax.benchmarks import common, winoground
 
+import bench_data
+
 
 def test_albef_4m_reference_scores(samples_dir):
   """The full ALBEF-4M score file (Bugliarello et al.) gives the published 29.25 / 15.50 / 11.00."""
@@ -73,14 +75,8 @@ def test_fixture_evaluate(samples_dir, tmp_path):
   (text right: 3 > 2, 2 > 1; image fails: s(c1,i1) == s(c1,i0)); example 2's image 1 scores 3.0
   with both captions (text fails: s(c1,i1) == s(c0,i1); image fails: s(c0,i0) == s(c0,i1));
   example 73 is all 2.0 (all fail). Text 12, image 11, group 11 of 14."""
-  root = tmp_path / 'winoground'
-  (root / 'images').mkdir(parents=True)
-  examples = [json.loads(l) for l in (samples_dir / 'Winoground' / 'examples.sample.jsonl').read_text().splitlines()]
-  for e in examples:
-    for i in (0, 1):
-      mode = 'RGBA' if e['id'] % 2 else 'RGB'
-      Image.new(mode, (5, 4)).save(root / 'images' / f'{e[f"image_{i}"]}.png')
-  (root / 'examples.jsonl').write_text((samples_dir / 'Winoground' / 'examples.sample.jsonl').read_text())
+  root = bench_data.winoground(samples_dir, tmp_path)
+  examples = [json.loads(l) for l in (root / 'examples.jsonl').read_text().splitlines()]
   table = {}
   for e in examples:
     for c in (0, 1):

@@ -59,8 +59,9 @@ class ImageRef:
     try:
       image = Image.open(self.path).convert('RGB')
     except FileNotFoundError:
-      raise BenchmarkDataError(f'image {self.path} does not exist: check --data_dir against the '
-                               'layout printed by `python -m nas_jax.eval --help`') from None
+      raise BenchmarkDataError(f'image {self.path} does not exist: check --data_dir (in training '
+                               'config.eval.data_dir) against the layout printed by '
+                               '`python -m nas_jax.eval --help`') from None
     except OSError as e:  # PIL.UnidentifiedImageError, truncated files.
       raise BenchmarkDataError(f'image {self.path} cannot be read ({e}): re-download or replace '
                                'it') from None
@@ -226,7 +227,8 @@ def require(benchmark: str, path: str, source: str, what: str = 'file') -> str:
   if not exists:
     raise BenchmarkDataError(
         f'[{benchmark}] {what} not found: {path}; get it from {source} and place it as '
-        '`python -m nas_jax.eval --help` shows, or fix --data_dir')
+        '`python -m nas_jax.eval --help` shows, or fix --data_dir (in training '
+        'config.eval.data_dir)')
   return path
 
 

@@ -12,7 +12,7 @@ Every source returns, for index i, one *raw record*:
 Sources keep their strings in flat numpy buffers (`StringTable`), so pickling one into each grain
 worker process costs a few buffer copies even for 4M records.
 
-Formats (../shared/benchmarks/FORMATS.md §5, §6):
+Formats (docs/DATA.md, Sources):
   albef_json   `[{"image": path, "caption": str | [str], ("image_id": str|int)}]`, several files
                mixed as one corpus; `image` relative to `image_root` unless absolute.
   negclip_tsv  pandas TSV `<idx>\\ttitle\\tfilepath\\tneg_caption\\tneg_image`, `neg_caption` a Python
