@@ -51,25 +51,15 @@ ROWS = (
 TINY_ROWS = ("vd", "ntva")   # Two rows from one stage-1 run: NVA and NTA both exercised.
 
 
-def continuation(c, stage1_steps: int, steps: int) -> None:
+def continuation(c, steps: int) -> None:
   """The continuation flags, all in one place: how a row's run goes on from its stage-1 checkpoint
-  (`--config.init_from`, passed by nas_jax.ablate).
-
-  With `continue_schedule` (a key of newer config_lib versions), stage 1's step, AdamW state and
-  learning-rate schedule carry on, as the paper runs one schedule over 29 + 1 epochs; total_steps
-  then counts from stage 1's step 0. Without it, AdamW restarts: a short warm-up to a gentler peak
-  (the demo's stage-2 recipe) over `steps` steps.
-  """
+  (`--config.init_from`, passed by nas_jax.ablate). As the paper (one schedule over 29 + 1 epochs),
+  it continues stage 1's step counter, AdamW state and learning-rate schedule
+  (`continue_schedule`); stage 1's schedule spans both stages (`optim.schedule_steps`), so the
+  continuation trains the end of one cosine. `total_steps` counts this run's steps."""
   c.stage = 2
-  c.itc.alpha_warmup_steps = 0   # α reached its value during stage 1.
-  if "continue_schedule" in c:
-    c.continue_schedule = True
-    c.total_steps = stage1_steps + steps
-  else:
-    c.total_steps = steps
-    c.optim.lr = 1e-4
-    c.optim.min_lr = min(c.optim.min_lr, 1e-4)
-    c.optim.warmup_steps = max(steps // 10, 1)
+  c.continue_schedule = True
+  c.total_steps = steps
 
 
 def _parse(arg: str | None) -> tuple[str, bool]:
@@ -125,6 +115,7 @@ def get_config(arg: str | None = None):
   # so that a continuation without new negatives compiles to the same program (a cache hit).
   c.optim.update(lr=1e-4 if tiny else 3e-4, min_lr=1e-5, warmup_steps=1 if tiny else 100)
   c.total_steps = TINY_STAGE1_STEPS if tiny else STAGE1_STEPS
+  c.optim.schedule_steps = c.total_steps + (TINY_CONTINUATION_STEPS if tiny else CONTINUATION_STEPS)
   c.num_epochs = 1
   c.log_every = 1 if tiny else 20
   c.checkpoint.every = 0 if tiny else 500
@@ -134,5 +125,5 @@ def get_config(arg: str | None = None):
   c.eval.batch_size = 64 if tiny else 256
   c.eval.k_test = 8 if tiny else 16
   if stage1 is not None:
-    continuation(c, c.total_steps, TINY_CONTINUATION_STEPS if tiny else CONTINUATION_STEPS)
+    continuation(c, TINY_CONTINUATION_STEPS if tiny else CONTINUATION_STEPS)
   return c

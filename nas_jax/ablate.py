@@ -91,7 +91,8 @@ class Job:
   seed: int
   workdir: str
   config_spec: str            # path.py:RUN[,tiny]
-  total_steps: int            # The step its eval.json reports when it is done.
+  total_steps: int            # The step its eval.json reports when it is done (a continuation's
+                              # steps follow its stage-1 run's).
   stage1: str | None = None   # Key of the job it continues from.
 
   @property
@@ -159,8 +160,11 @@ def make_jobs(config_path: str, tiny: bool, seeds: int, workdir: str,
       spec = f'{os.path.abspath(config_path)}:{run}{",tiny" if tiny else ""}'
       config = _apply(plan.get_config(f'{run}{",tiny" if tiny else ""}'), overrides)
       stage1 = plan.RUNS[run][0]
-      job = Job(run, seed, os.path.join(workdir, f'seed{seed}', run), spec, int(config.total_steps),
-                None if stage1 is None else f'seed{seed}/{stage1}')
+      stage1_key = None if stage1 is None else f'seed{seed}/{stage1}'
+      last = int(config.total_steps)
+      if stage1_key and config.get('continue_schedule', False):   # Its steps follow stage 1's.
+        last += jobs[stage1_key].total_steps
+      job = Job(run, seed, os.path.join(workdir, f'seed{seed}', run), spec, last, stage1_key)
       jobs[job.key] = job
   return jobs, rows
 

@@ -144,6 +144,7 @@ def _run_retrieval(name: str):
 
 SYNTHETIC_HEADLINE = (('Attribute', 'attribute'), ('Relation', 'relation'),
                       ('Counting', 'counting'), ('Existence', 'existence'),
+                      ('Main attribute', 'main_attribute'), ('Main object', 'main_object'),
                       ('Pairwise mean', 'pairwise_mean'), ('Wino text', 'winoground_text'),
                       ('Wino image', 'winoground_image'), ('Wino group', 'winoground_group'),
                       ('TR@1', 'txt_r1'), ('IR@1', 'img_r1'), ('R mean', 'r_mean'))
