@@ -45,9 +45,8 @@ def get_config(arg: str | None = None):
   # Stage 2 restarts AdamW: a gentler peak keeps stage 1's matching head while NVA negatives join.
   c.stage2_lr = 1e-4
   # The synthetic background is one colour, so one code covers most of every image: replacing all
-  # patches that carry a primary code ('image', DESIGN.md) would replace ~98% of them. Replace only
-  # the primary (top-S) patches here.
-  c.nva.scope = "primary"
+  # patches that carry a primary code (nva.scope='image') would replace ~98% of them; the default
+  # 'primary' replaces only the top-S patches.
   c.itc.alpha_warmup_steps = 4 if tiny else 200
   c.optim.update(lr=5e-4, min_lr=1e-5, warmup_steps=2 if tiny else 50)
   c.log_every = 5 if tiny else 50

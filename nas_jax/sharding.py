@@ -1,7 +1,8 @@
 """Device mesh, partition rules, host-local → global arrays, multi-process start.
 
 The mesh has axes ('data', 'fsdp') with Auto axis types (the default Explicit type rejects the
-codebook gather and the batch-sharded similarity matmuls; JAX_NOTES.md). The batch is split over
+codebook gather `embed[idx]`, its scatter-add and the batch-sharded similarity matmuls with a
+ShardingTypeError). The batch is split over
 both axes; parameters and optimiser state are replicated, or split over 'fsdp' by `param_spec`
 (large matrices along their largest divisible dimension, everything small replicated).
 """
