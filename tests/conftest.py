@@ -5,8 +5,11 @@ import pathlib
 import subprocess
 import sys
 
+# XLA's CPU code generation without LLVM's expensive passes: the tests' tiny programs compile about
+# twice as fast (and run about as fast). Numerics are XLA's; only the machine code is less tuned.
+CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Before jax is imported anywhere: 8 CPU devices so sharding tests can build meshes of 1..8.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CHEAP_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

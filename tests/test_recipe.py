@@ -28,6 +28,7 @@ import pytest
 import safetensors.numpy
 
 import bench_data
+from conftest import CHEAP_COMPILE
 from step_utils import ROOT
 from torch_layouts import StateDictMaker
 
@@ -61,10 +62,15 @@ RECIPE_CONFIG = textwrap.dedent(f'''
 
 
 def _run(module: str, *args: str, timeout: int = 300) -> str:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as a user's
-  env["PYTHONUNBUFFERED"] = "1"
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  # One CPU device, as a user's; XLA's cheaper CPU code generation halves the compile time of the
+  # tiny steps (tests/conftest.py: CHEAP_COMPILE).
+  env["XLA_FLAGS"] = CHEAP_COMPILE
+  import time
+  t0 = time.time()
   proc = subprocess.run([sys.executable, "-m", f"nas_jax.{module}", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
+  print(f"[recipe] nas_jax.{module} {args[:2]}: {time.time() - t0:.1f} s", flush=True)
   assert proc.returncode == 0, f"nas_jax.{module} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
   return proc.stdout + proc.stderr
 
