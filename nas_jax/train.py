@@ -452,6 +452,7 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   sharding.initialize_distributed()
   try:
+    prepare_workdir(workdir)
     if config.stage2_steps > 0:
       r1 = train(config, os.path.join(workdir, "stage1"))
       if not r1.interrupted:

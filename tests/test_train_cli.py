@@ -25,7 +25,8 @@ def _cfg(**overrides):
 
 def _losses(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return {r["step"]: (r["loss"], r["loss_itc"], r["loss_mlm"], r["loss_itm"]) for r in rows}
+  return {r["step"]: (r["loss"], r["loss_itc"], r["loss_mlm"], r["loss_itm"]) for r in rows
+          if "loss" in r}   # Training rows (not the checkpoint or evaluation rows).
 
 
 def _params(workdir, config):
