@@ -1,17 +1,18 @@
 r"""Kill trial: interrupt a training run many times, resume it each time, and check that it ends
 bit-identical to an uninterrupted run.
 
-  python scripts/kill_trial.py --workdir runs/kill_trial                  # 16 kill -9, 3 SIGTERM/INT
+  python scripts/kill_trial.py --workdir runs/kill_trial          # 16 kill -9, 3 SIGTERM/SIGINT
   python scripts/kill_trial.py --workdir runs/kt --kills 4 --signals 1 --steps 60 --every 10 \
       --seed 1 --config configs/demo.py:tiny
 
 What it does (all runs are `python -m nas_jax.train` subprocesses with the same overrides):
-  1. <workdir>/reference: one uninterrupted run (its wall time sets the range of kill moments).
+  1. <workdir>/reference: one uninterrupted run (its start-up time bounds the start-up kills).
   2. <workdir>/trial: runs that are interrupted, each resuming the previous one's workdir:
-     - `--kills` with SIGKILL: half at a random moment of the run (start-up, compilation, training,
-       a save), half just after an asynchronous save has started (a temporary checkpoint folder
-       exists), the moment the issue of a half-written checkpoint can arise;
-     - `--signals` with SIGTERM or SIGINT (alternating) at a random moment: the run must save and
+     - `--kills` with SIGKILL, a third each: at a random moment of a random step (between the
+       newest checkpoint and a share of the steps left), just after a save has started (its
+       temporary folder exists: a half-written checkpoint), at a random moment of start-up and
+       compilation;
+     - `--signals` with SIGTERM or SIGINT (alternating) in a random step: the run must save and
        exit 0;
      then one last run to the end.
   3. Compares the final checkpoints of both workdirs: every array of the train state (parameters,
@@ -59,37 +60,70 @@ def newest_step(workdir: pathlib.Path) -> int | None:
   return max(steps) if steps else None
 
 
-def wait_for_save(proc: subprocess.Popen, workdir: pathlib.Path, timeout: float) -> bool:
-  """Polls until a temporary checkpoint folder exists (a save in progress) or the run ends."""
+def logged_step(workdir: pathlib.Path) -> int:
+  """The last training step in metrics.jsonl (0 if none)."""
+  try:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  except FileNotFoundError:
+    return 0
+  steps = [json.loads(line)["step"] for line in lines if '"loss"' in line and line.endswith("}")]
+  return max(steps, default=0)
+
+
+def temporary_folders(workdir: pathlib.Path) -> set:
+  """(name, inode) of the temporary folders of saves in progress."""
+  out = set()
+  for path in glob.glob(str(workdir / "checkpoints" / "*.orbax-checkpoint-tmp*")):
+    try:
+      out.add((os.path.basename(path), os.stat(path).st_ino))
+    except FileNotFoundError:
+      pass
+  return out
+
+
+def wait_until(proc: subprocess.Popen, condition, timeout: float = 1800) -> bool:
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
-    if glob.glob(str(workdir / "checkpoints" / "*.orbax-checkpoint-tmp*")):
+    if condition():
       return True
     time.sleep(0.005)
   return False
 
 
-def interrupt(args, workdir: pathlib.Path, how: str, duration: float, rng: random.Random) -> str:
-  before = newest_step(workdir)
+def interrupt(args, workdir: pathlib.Path, how: str, remaining: int, startup: float,
+              rng: random.Random) -> str:
+  """One interrupted run. how: 'kill@startup' (a random moment of start-up and compilation),
+  'kill@save' (just after a save has started), '<kill|term|int>@step' (a random moment of a
+  random step between the newest checkpoint and a share of the steps left)."""
+  signum = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[how.split("@")[0]]
+  before = newest_step(workdir) or 0
+  stale = temporary_folders(workdir)   # Left by a killed save: the next run removes them.
+  log = workdir.parent / f"{workdir.name}.log"
+  offset = log.stat().st_size if log.exists() else 0
+  # metrics.jsonl still holds the previous run's rows until this run has restored and trimmed it.
+  training = lambda: b"first step done" in log.read_bytes()[offset:]  # noqa: E731
   proc = start(args, workdir)
   t0 = time.time()
-  at_save = False
-  if how == "kill@save":
-    at_save = wait_for_save(proc, workdir, timeout=3 * duration)
-    time.sleep(rng.uniform(0.0, 0.2))
+  where = ""
+  if how.endswith("@startup"):
+    time.sleep(rng.uniform(0.0, startup))
+    where = f"at {time.time() - t0:.1f}s"
+  elif how.endswith("@save"):
+    if wait_until(proc, lambda: temporary_folders(workdir) - stale):
+      time.sleep(rng.uniform(0.0, 0.2))
+      where = "during a save"
   else:
-    time.sleep(rng.uniform(0.0, duration))
-  sig = {"kill": signal.SIGKILL, "kill@save": signal.SIGKILL, "term": signal.SIGTERM,
-         "int": signal.SIGINT}[how]
+    span = max(args.every + 1, (args.steps - before - 1) // max(remaining, 1))
+    target = rng.randint(before + 1, max(before + 1, min(args.steps - 1, before + span)))
+    if wait_until(proc, lambda: training() and logged_step(workdir) >= target):
+      where = f"after step {target}"
   if proc.poll() is None:
-    proc.send_signal(sig)
+    proc.send_signal(signum)
   rc = proc.wait(timeout=600)
-  ok = rc == -signal.SIGKILL if sig == signal.SIGKILL else rc == 0
-  if proc.returncode == 0 and sig == signal.SIGKILL:
-    ok = True   # The run ended before the signal: still a valid trial step.
-  return (f"{how:9s} after {time.time() - t0:6.1f}s{' (save in progress)' if at_save else '':19s} "
-          f"exit {rc:4d}  newest checkpoint {before} -> {newest_step(workdir)}"
-          + ("" if ok else "   UNEXPECTED EXIT STATUS"))
+  expected = (-signal.SIGKILL,) if signum == signal.SIGKILL else (0,)
+  note = "" if rc in expected or not where else "   UNEXPECTED EXIT STATUS"
+  return (f"{how:13s} {where or '(the run ended first)':22s} exit {rc:4d}  newest checkpoint "
+          f"{before} -> {newest_step(workdir)}{note}")
 
 
 def load_final(workdir: pathlib.Path):
@@ -152,8 +186,9 @@ def main(argv=None) -> int:
   p.add_argument("--config", default="configs/demo.py:tiny")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--every", type=int, default=20, help="checkpoint.every")
-  p.add_argument("--log_every", type=int, default=5)
-  p.add_argument("--kills", type=int, default=16, help="SIGKILLs (half of them during a save)")
+  p.add_argument("--log_every", type=int, default=1, help="1: kills can target any step")
+  p.add_argument("--kills", type=int, default=16,
+                 help="SIGKILLs: a third each in a step, during a save, during start-up")
   p.add_argument("--signals", type=int, default=3, help="SIGTERMs / SIGINTs")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
@@ -166,18 +201,20 @@ def main(argv=None) -> int:
   work.mkdir(parents=True, exist_ok=True)
   rng = random.Random(args.seed)
 
-  t0 = time.time()
   rc = start(args, reference).wait()
-  duration = time.time() - t0
-  print(f"reference: {args.steps} steps in {duration:.0f}s (exit {rc}); log {work}/reference.log")
+  first_row = json.loads((reference / "metrics.jsonl").read_text().splitlines()[0])
+  startup = first_row.get("startup_s", 60.0)
+  print(f"reference: {args.steps} steps, start-up {startup:.0f}s (exit {rc}); "
+        f"log {work}/reference.log")
   if rc != 0:
     return 1
-  plan = (["kill", "kill@save"] * args.kills)[:args.kills] + \
-      (["term", "int"] * args.signals)[:args.signals]
+  kills = (["kill@step", "kill@save", "kill@startup"] * args.kills)[:args.kills]
+  plan = kills + (["term@step", "int@step"] * args.signals)[:args.signals]
   rng.shuffle(plan)
   trial.mkdir()
   for i, how in enumerate(plan, 1):
-    print(f"[{i:2d}/{len(plan)}] " + interrupt(args, trial, how, duration, rng), flush=True)
+    line = interrupt(args, trial, how, len(plan) - i + 1, startup, rng)
+    print(f"[{i:2d}/{len(plan)}] {line}", flush=True)
   rc = start(args, trial).wait()
   print(f"final run: exit {rc}; log {work}/trial.log")
   problems = compare(reference, trial, args.steps) if rc == 0 else [f"final run exited {rc}"]
