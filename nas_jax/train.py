@@ -309,7 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     for done in checkpointer.poll_saves(wait=wait):
       writer.write(done.pop("step"), done)
 
-  def nonfinite_error(step: int, what: str) -> NonFiniteLossError:
+  def nonfinite_error(what: str) -> NonFiniteLossError:
     checkpointer.wait()   # An async save in flight (of a checked state) completes first.
     report_saves()
     last = checkpointer.latest_step()
@@ -335,12 +335,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     msg = (f"loss is not finite at step {done + 1} (loss={float(m['loss'])}, "
            f"itc={float(m['loss_itc'])}, itm={float(m['loss_itm'])}, mlm={float(m['loss_mlm'])})")
     if c.nonfinite == "stop":
-      raise nonfinite_error(done + 1, msg)
+      raise nonfinite_error(msg)
     n = skips["consecutive_skips"]
     if n >= c.nonfinite_max_skips:
-      raise nonfinite_error(done + 1, f"{n} updates in a row were skipped, the last at step "
-                            f"{done + 1} (config.nonfinite_max_skips={c.nonfinite_max_skips}): "
-                            "training diverged")
+      raise nonfinite_error(f"{n} updates in a row were skipped, the last at step {done + 1} "
+                            f"(config.nonfinite_max_skips={c.nonfinite_max_skips}): training "
+                            "diverged")
     log.warning("%s: update skipped (%d in a row, %d in all)", msg, n, skips["skipped_updates"])
 
   redirect = contextlib.nullcontext()
