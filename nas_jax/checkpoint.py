@@ -12,15 +12,25 @@ Readers for other runs (module-level): `find_checkpoint`, `saved_config`, `state
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
 import json
+import logging
 import os
+import sys
+import threading
+import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from nas_jax import config_lib
+
+log = logging.getLogger("nas_jax.checkpoint")
 
 # Keys that must agree between a checkpoint and the config that restores it (shapes depend on them),
 # except the switches below them that change numerics or training only.
@@ -59,51 +69,264 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str)
         f"use a config with the checkpoint's values or a fresh --workdir")
 
 
+class CheckpointError(Exception):
+  """A workdir's checkpoints cannot be used; the message (one line) says which and what to do."""
+
+
+class NoReadableCheckpointError(CheckpointError):
+  pass
+
+
+# Where unreadable steps are moved (next to checkpoints/) once an older one has been restored, so
+# that saving that step number again cannot collide with them. They are never deleted.
+UNREADABLE_DIR = "unreadable_checkpoints"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def check_step_files(step_dir: str, items: tuple[str, ...]) -> str | None:
+  """Cheap integrity checks of one step folder before orbax reads it: None, or what is wrong,
+  naming the file (relative to `step_dir`). Checks that the folder is not empty, that each of
+  `items` is there, and that every JSON file orbax and grain wrote parses."""
+  if not os.path.isdir(step_dir) or not os.listdir(step_dir):
+    return "the folder is empty"
+  for item in items:
+    if not os.path.isdir(os.path.join(step_dir, item)):
+      return f"{item}/ is missing"
+  json_files = [os.path.join(item, name) for item in items
+                for name in sorted(os.listdir(os.path.join(step_dir, item)))
+                if name.endswith(".json") or name in ("metadata", "_METADATA")]
+  for rel in json_files:
+    try:
+      with open(os.path.join(step_dir, rel)) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      return f"{rel}: not readable JSON ({_one_line(e, 120)})"
+  return None
+
+
+def describe_read_error(exc: BaseException, step_dir: str) -> str:
+  """One line for an exception raised while orbax read `step_dir`: the innermost message of the
+  chain (tensorstore names the array and file there), paths relative to the step folder."""
+  messages = []
+  while exc is not None and len(messages) < 10:
+    text = str(exc).split("See full TensorStore details")[0].split(" [tensorstore_spec")[0]
+    if text.strip():
+      messages.append(f"{type(exc).__name__}: {text}")
+    exc = exc.__cause__ or exc.__context__
+  text = messages[-1] if messages else "unknown error"
+  return _one_line(text.replace(step_dir.rstrip("/") + "/", "").replace(step_dir, "."))
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """orbax reads a checkpoint's arrays in many coroutines; when one fails, the others are
+  abandoned, and each prints a long "Exception ignored in: <coroutine ...>" traceback (or "Event
+  loop is closed") when it is garbage-collected, typically at exit. The failure itself is reported
+  in one line by the caller: collect them here, silently."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if (inspect.iscoroutine(unraisable.object)
+        or "Event loop is closed" in str(unraisable.exc_value)):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` for one workdir."""
+  """Orbax `CheckpointManager` for one workdir: saves (async, atomic, keep last k) with their
+  durations, and a restore that falls back to the newest checkpoint that reads completely.
+
+  Items of a step folder: state (TrainState), config (JSON), data (the grain iterator's position,
+  when given), loop (small JSON counters of the training loop, e.g. skipped updates).
+  """
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.restored_loop: dict = {}   # The `loop` item of the step restore() returned.
+    self._lock = threading.Lock()
+    self._in_flight: dict | None = None   # The save not yet complete (or not yet noticed).
+    self._completed: list[dict] = []      # Complete saves not yet returned by poll_saves().
+    self._async = async_save
+    async_options = (ocp.AsyncOptions(post_finalization_callback=self._written)
+                     if async_save else None)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save,
+                                             async_options=async_options,
+                                             cleanup_tmp_directories=True,
                                              create=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  # -------------------------------------------------------------- save
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
-           data_iterator: Any = None, *, force: bool = False) -> bool:
+           data_iterator: Any = None, *, force: bool = False, loop: dict | None = None) -> bool:
+    """Starts saving `step` (returns once the arrays are copied off the devices; the files are
+    written in the background with async_save). poll_saves() reports it once it is complete."""
     items = {"state": ocp.args.StandardSave(state),
              "config": ocp.args.JsonSave(config_to_dict(config))}
     if data_iterator is not None:
       import grain
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if loop is not None:
+      items["loop"] = ocp.args.JsonSave(dict(loop))
+    t0 = time.time()
+    if self._in_flight is not None:   # orbax waits for the previous save anyway: report it.
+      self.manager.wait_until_finished()
+      self._finish_in_flight()
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      now = time.time()
+      with self._lock:
+        self._in_flight = dict(step=int(step), start=t0, blocking=now - t0,
+                               written=None if self._async else now)
+    return saved
 
+  def _written(self) -> None:
+    """orbax's post-finalization callback (background thread): the files are all written."""
+    with self._lock:
+      if self._in_flight is not None:
+        self._in_flight["written"] = time.time()
+
+  def _finish_in_flight(self) -> None:
+    with self._lock:
+      s, self._in_flight = self._in_flight, None
+    if s is None:
+      return
+    total = max((s["written"] or time.time()) - s["start"], s["blocking"])
+    self._completed.append(dict(step=s["step"], checkpoint_save_s=total,
+                                checkpoint_blocking_s=s["blocking"]))
+    log.info("checkpoint step %d saved in %.2fs (training blocked %.2fs): %s", s["step"], total,
+             s["blocking"], os.path.join(self.directory, str(s["step"])))
+
+  def poll_saves(self, wait: bool = False) -> list[dict]:
+    """Saves completed since the last call, each once: [{'step', 'checkpoint_save_s' (from the
+    save call until the checkpoint was complete), 'checkpoint_blocking_s' (how long the caller was
+    blocked)}]. wait: first wait for the save in flight."""
+    if wait:
+      self.manager.wait_until_finished()
+    if self._in_flight is not None and not self.manager.is_saving_in_progress():
+      self._finish_in_flight()
+    out, self._completed = self._completed, []
+    return out
+
+  # -------------------------------------------------------------- restore
   def saved_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+  def _read_step(self, step: int, abstract_state: Any, config: ml_collections.ConfigDict,
+                 data_iterator: Any) -> tuple[Any, str | None]:
+    """(restored items, None) or (None, why the step cannot be read)."""
+    step_dir = os.path.join(self.directory, str(step))
+    items = ("state", "config") + (("data",) if data_iterator is not None else ())
+    problem = check_step_files(step_dir, items)
+    if problem is not None:
+      return None, problem
+    try:
+      saved = self.saved_config(step)
+    except Exception as e:  # noqa: BLE001 — any failure to read makes the step unusable.
+      return None, describe_read_error(e, step_dir)
+    check_compatible(saved, config, step_dir)   # A config mismatch is the user's to fix: raise.
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      import grain
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if os.path.isdir(os.path.join(step_dir, "loop")):
+      args["loop"] = ocp.args.JsonRestore()
+    with _quiet_abandoned_reads():
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return {name: restored[name] for name in args}, None
+      except Exception as e:  # noqa: BLE001
+        problem = describe_read_error(e, step_dir)
+    return None, problem
+
   def restore(self, abstract_state: Any, config: ml_collections.ConfigDict,
               data_iterator: Any = None, step: int | None = None) -> tuple[Any, int]:
     """Restores into `abstract_state` (ShapeDtypeStructs with shardings); the data iterator, when
-    given, is restored in place so it yields exactly the next batch."""
-    step = self.latest_step() if step is None else step
-    check_compatible(self.saved_config(step), config, f"{self.directory}/{step}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      import grain
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"], step
+    given, is restored in place so it yields exactly the next batch.
+
+    Without `step`: the newest checkpoint that reads completely. Each newer one that does not is
+    named in a warning (file and reason) and, once an older one loaded, moved to
+    <workdir>/unreadable_checkpoints/ (never deleted) so that saving its step again works.
+    Raises NoReadableCheckpointError when none reads, IncompatibleCheckpointError when the config
+    changes parameter shapes.
+    """
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise NoReadableCheckpointError(f"no checkpoint in {self.directory}")
+    unreadable = []
+    for i, s in enumerate(steps):
+      restored, problem = self._read_step(s, abstract_state, config, data_iterator)
+      if jax.process_count() > 1:   # All processes must resume from the same step.
+        from jax.experimental import multihost_utils
+        ok = multihost_utils.process_allgather(np.int32(problem is None))
+        if problem is None and not np.all(ok):
+          problem, restored = "unreadable on another process", None
+      if problem is None:
+        break
+      later = "; trying the previous one" if i + 1 < len(steps) else ""
+      log.warning("checkpoint step %d cannot be read: %s: %s%s", s,
+                  os.path.join(self.directory, str(s)), problem, later)
+      unreadable.append(s)
+    else:
+      raise NoReadableCheckpointError(
+          f"no checkpoint in {self.directory} can be read (steps {', '.join(map(str, steps))}; "
+          "the reasons are logged above): restore a good copy of one, or move the folder away "
+          "to start from scratch")
+    if unreadable:
+      self._set_aside(unreadable, restored_step=s)
+    self.restored_loop = dict(restored.get("loop") or {})
+    return restored["state"], s
+
+  def _set_aside(self, steps: list[int], restored_step: int) -> None:
+    """Moves unreadable steps newer than the restored one to <workdir>/unreadable_checkpoints."""
+    steps = [s for s in steps if s > restored_step]
+    if not steps:
+      return
+    barrier = None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      barrier = multihost_utils.sync_global_devices
+      barrier("nas_jax_set_aside_start")
+    if jax.process_index() == 0:
+      for s in steps:
+        src = os.path.join(self.directory, str(s))
+        dest = os.path.join(self.workdir, UNREADABLE_DIR, str(s))
+        n = 1
+        while os.path.exists(dest):
+          n += 1
+          dest = os.path.join(self.workdir, UNREADABLE_DIR, f"{s}.{n}")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(src, dest)
+        log.warning("moved the unreadable checkpoint step %d to %s (kept for inspection); "
+                    "resuming from step %d", s, dest, restored_step)
+    if barrier is not None:
+      barrier("nas_jax_set_aside_done")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    if self._in_flight is not None:
+      self._finish_in_flight()
     self.manager.close()
 
 

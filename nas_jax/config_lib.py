@@ -24,6 +24,11 @@ import os
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """A configuration value (or command-line flag) that cannot work; the message is one line that
+  names the key, the value and what to use instead."""
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """`path/to/config.py[:arg]` → its `get_config(arg)` (the CLIs' --config outside absl)."""
   path, _, arg = spec.partition(":")
@@ -159,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage2_lr = 0.0       # 0: that stage 2 continues stage 1's schedule; >0: it restarts AdamW
                           # with a warm-up to this peak instead.
   c.nonfinite = 'stop'    # 'stop' or 'skip' a step whose loss is not finite.
+  c.nonfinite_max_skips = 5  # With 'skip': stop with an error after this many skipped in a row.
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict(dict(
@@ -241,3 +247,121 @@ def finetune_base() -> ml_collections.ConfigDict:
   c.data.num_workers = 8
   c.checkpoint.every = 2000
   return c
+
+
+# ============================================================================ validation
+def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """Keys with a fixed set of values → the values (read from the modules that interpret them)."""
+  from nas_jax.benchmarks.common import SCORE_MODES
+  from nas_jax.data.sources import SOURCES
+  from nas_jax.models.activations import GELU_KINDS
+  from nas_jax.models.attention import IMPLEMENTATIONS
+  attention = IMPLEMENTATIONS + ("auto",)
+  return {
+      "nonfinite": ("stop", "skip"),
+      "model.dtype": ("float32", "bfloat16"),
+      "model.attention": attention,
+      "model.vit_attention": ("",) + attention,
+      "model.vit.gelu": GELU_KINDS,
+      "model.bert.gelu": GELU_KINDS,
+      "model.dictionary.init": ("normal", "data"),
+      "nva.scope": ("image", "primary"),
+      "nva.norm": ("l2", "max"),
+      "data.source": SOURCES,
+      "data.augment": ("auto", "full", "flip", "none"),
+      "data.image_dtype": ("float32", "uint8"),
+      "eval.score": SCORE_MODES,
+  }
+
+
+def _get(c: ml_collections.ConfigDict, key: str):
+  for part in key.split("."):
+    c = c[part]
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every key with a fixed set of values and every range a run depends on, before
+  anything is built. Raises ConfigError with one line: the key, the bad value, what to use.
+
+  Checks that need the devices (batch vs. the mesh) or the data (vocabulary size) happen where
+  those are known (nas_jax.train).
+  """
+  c = config
+
+  def fail(key: str, why: str):
+    raise ConfigError(f"config.{key}={_get(c, key)!r}: {why}")
+
+  for key, choices in _choices(c).items():
+    if _get(c, key) not in choices:
+      fail(key, f"use one of {', '.join(repr(x) for x in choices)}")
+
+  def at_least(key: str, low: int, what: str = ""):
+    value = _get(c, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      fail(key, f"must be an integer >= {low}{what}")
+
+  d, m = c.data, c.model
+  at_least("data.batch_size", 1, " (the global batch)")
+  at_least("itc.queue_size", 1)
+  if c.itc.queue_size % d.batch_size:
+    near = max(1, round(c.itc.queue_size / d.batch_size)) * d.batch_size
+    fail("itc.queue_size", f"must be a multiple of data.batch_size={d.batch_size} (every step "
+         f"enqueues one whole batch); use e.g. --config.itc.queue_size={near}")
+  at_least("accum_steps", 1, " (1 = no gradient accumulation)")
+  at_least("nonfinite_max_skips", 1)
+  at_least("log_every", 1)
+  at_least("eval_every", 0, " (0 = only at the end)")
+  at_least("checkpoint.every", 0, " (0 = only at the end and on SIGTERM)")
+  at_least("checkpoint.keep", 1)
+  at_least("itm.hard_negative_groups", 0, " (0 = one per device)")
+  if c.itm.hard_negative_groups and d.batch_size % c.itm.hard_negative_groups:
+    fail("itm.hard_negative_groups", f"must divide data.batch_size={d.batch_size}")
+  at_least("stage2_steps", 0)
+  at_least("data.num_workers", 0)
+  at_least("data.max_text_len", 2, " ([CLS] and [SEP])")
+  if d.max_text_len > m.bert.max_position_embeddings:
+    fail("data.max_text_len", f"exceeds model.bert.max_position_embeddings="
+         f"{m.bert.max_position_embeddings}")
+  if c.total_steps <= 0:
+    at_least("num_epochs", 1, " when total_steps <= 0 (the length is derived from epochs)")
+  if d.image_size != m.vit.image_size:
+    fail("data.image_size", f"differs from model.vit.image_size={m.vit.image_size}: make them "
+         "agree")
+  if m.vit.image_size % m.vit.patch_size:
+    fail("model.vit.image_size", f"is not a multiple of model.vit.patch_size={m.vit.patch_size}")
+  for tower in ("vit", "bert"):
+    t = m[tower]
+    if t.hidden_size % t.num_heads:
+      fail(f"model.{tower}.num_heads", f"must divide model.{tower}.hidden_size={t.hidden_size}")
+  if not 0 <= m.bert.fusion_layer <= m.bert.num_layers:
+    fail("model.bert.fusion_layer", f"must lie in [0, model.bert.num_layers={m.bert.num_layers}]")
+  if not 0.0 < c.nva.ratio <= 1.0:
+    fail("nva.ratio", "must be in (0, 1] (the fraction of primary patches)")
+  if not 1 <= c.nva.k < m.dictionary.size:
+    fail("nva.k", f"need 1 <= k < model.dictionary.size={m.dictionary.size}")
+  if c.nva.enabled and not m.use_dictionary:
+    fail("nva.enabled", "needs config.model.use_dictionary=True (NVA replaces visual-dictionary "
+         "codes)")
+  mlm = c.mlm
+  if not (0 <= mlm.prob <= 1 and mlm.mask_prob >= 0 and mlm.random_prob >= 0
+          and mlm.mask_prob + mlm.random_prob <= 1):
+    fail("mlm.prob", f"with mask_prob={mlm.mask_prob}, random_prob={mlm.random_prob}: need "
+         "probabilities in [0, 1] with mask_prob + random_prob <= 1")
+  if not 0 <= d.max_error_rate <= 1:
+    fail("data.max_error_rate", "must be in [0, 1]")
+  for key in ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.grad_clip"):
+    if not _get(c, key) >= 0:
+      fail(key, "must be >= 0")
+  at_least("optim.warmup_steps", 0)
+  if c.optim.schedule_steps != -1:
+    at_least("optim.schedule_steps", 1, " (or -1: the run's own length)")
+  if c.continue_schedule and not c.init_from:
+    fail("continue_schedule", "continues the run named by config.init_from, which is empty: "
+         "set --config.init_from=<the stage-1 workdir> or --config.continue_schedule=False")
+  if m.dictionary.frozen and m.dictionary.init == "data" and not c.init_from:
+    fail("model.dictionary.frozen", "with dictionary.init='data' and no init_from the codebook "
+         "would never be initialised: load one (init_from) or use init='normal'")
+  at_least("mesh.fsdp", 1)
+  if c.mesh.data != -1:
+    at_least("mesh.data", 1, " (or -1: all remaining devices)")

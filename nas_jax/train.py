@@ -2,12 +2,16 @@ r"""Train NAS / ALBEF: `python -m nas_jax.train --config configs/X.py[:arg] --wo
 
 One readable story, in sections: logging → mesh → input → model and optimiser → sharded init
 (resume / init_from) → the jitted step → loop (progress, metrics, checkpoints, preemption) →
-evaluation. A run started in a workdir that has a checkpoint resumes from it, data order included.
-SIGTERM / SIGINT finish the current step, save, and exit cleanly.
+evaluation. A run started in a workdir that has a checkpoint resumes from it, data order included
+(from the newest checkpoint that reads completely: docs/RELIABILITY.md). SIGTERM / SIGINT finish
+the current step, save, and exit cleanly. A non-finite loss stops the run (`nonfinite='stop'`,
+nothing after the bad step is saved) or skips the update (`'skip'`, at most
+`nonfinite_max_skips` in a row).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from nas_jax import checkpoint as ckpt_lib
-from nas_jax import optim, run_plan, sharding, warm_start
-from nas_jax import config_lib
+from nas_jax import config_lib, optim, run_plan, sharding, warm_start
+from nas_jax.config_lib import ConfigError
 from nas_jax.config_lib import load_config_file  # noqa: F401  (public: used by the notebook)
 from nas_jax.metrics_writer import MetricWriter
 from nas_jax import train_step as train_step_lib
@@ -60,6 +64,74 @@ class PreemptionGuard:
       signal.signal(sig, old)
 
 
+class NonFiniteLossError(FloatingPointError):
+  """The loss was not finite (nonfinite='stop'), or too many updates in a row were skipped."""
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir`; a one-line ConfigError when it is a file or cannot be written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir!r} is a file, not a directory: pass a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir!r} cannot be written ({e.strerror or e}): pass a "
+                      "directory you can write to") from None
+
+
+class ProgressLog:
+  """The loop's progress bar, metrics rows and throughput.
+
+  The bar appears once the first step has completed, so its rate and ETA come from steady-state
+  steps, not from start-up and compilation; the first row carries `startup_s` (from the start of
+  `train()` to the end of the first step) instead of `samples_per_s`.
+  """
+
+  def __init__(self, writer: MetricWriter, *, plan: run_plan.RunPlan, start: int, batch_size: int,
+               log_every: int, desc: str, t_start: float, enabled: bool):
+    self.writer, self.plan, self.start = writer, plan, start
+    self.batch_size, self.log_every, self.desc = batch_size, log_every, desc
+    self.t_start, self.enabled = t_start, enabled
+    self.bar = None
+    self.clock = time.time
+    self._t_last, self._n_last = None, start
+
+  def step_done(self, step: int, metrics: dict, *, force_row: bool = False) -> None:
+    """`step` (1-based) has completed with `metrics` (host values)."""
+    now = self.clock()
+    first = self._t_last is None
+    row = dict(metrics)
+    if first:
+      row["startup_s"] = now - self.t_start
+      log.info("first step done %.1fs after start (start-up and compilation)", now - self.t_start)
+      self._t_last, self._n_last = now, step
+      if self.enabled:
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.plan.num_steps, initial=step - self.plan.first_step,
+                        desc=self.desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    elif self.bar is not None:
+      self.bar.update(step - self.plan.first_step - self.bar.n)
+    if not (first or force_row or step % self.log_every == 0):
+      return
+    if not first:
+      row["samples_per_s"] = (step - self._n_last) * self.batch_size / max(now - self._t_last, 1e-9)
+      self._t_last, self._n_last = now, step
+    self.writer.write(step, row)
+    if self.bar is not None:
+      rate = row.get("samples_per_s")
+      self.bar.set_postfix(loss=f"{float(row['loss']):.3f}", itm_acc=f"{float(row['itm_acc']):.2f}",
+                           **({"samples_s": f"{rate:.0f}"} if rate is not None else {}))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+
 @dataclasses.dataclass
 class RunResult:
   workdir: str
@@ -74,7 +146,7 @@ def hard_negative_groups(config: ml_collections.ConfigDict, mesh) -> int:
   shards = sharding.num_batch_shards(mesh)
   groups = config.itm.hard_negative_groups or shards
   if groups % shards or config.data.batch_size % groups:
-    raise ValueError(
+    raise ConfigError(
         f"config.itm.hard_negative_groups={groups} must be a multiple of the {shards} data-parallel "
         f"devices and divide config.data.batch_size={config.data.batch_size} (0 = one per device)")
   return groups
@@ -97,15 +169,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   devices: the devices of the mesh (default all). interrupt_after: behave as if SIGTERM arrived
   after this many steps of this call (tests of exact resumption).
   """
+  t_start = time.time()
   c = config
+  config_lib.validate(c)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  prepare_workdir(workdir)
 
   # ---------------------------------------------------------------- mesh
-  mesh = sharding.make_mesh(c.mesh, devices)
-  sharding.check_batch_size(c.data.batch_size, mesh)
-  from nas_jax import objectives
-  objectives.check_queue_size(c.itc.queue_size, c.data.batch_size)
+  try:
+    mesh = sharding.make_mesh(c.mesh, devices)
+    sharding.check_batch_size(c.data.batch_size, mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   log.info("%s", sharding.describe(mesh))
 
   # ---------------------------------------------------------------- input
@@ -113,11 +188,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   from nas_jax.data.text import load_tokenizer
   tokenizer = load_tokenizer(c.data.vocab)
   if tokenizer.vocab_size > c.model.bert.vocab_size:
-    raise ValueError(f"the vocabulary {c.data.vocab!r} has {tokenizer.vocab_size} tokens but "
-                     f"config.model.bert.vocab_size={c.model.bert.vocab_size}: make them agree")
-  if c.data.image_size != c.model.vit.image_size:
-    raise ValueError(f"config.data.image_size={c.data.image_size} != "
-                     f"config.model.vit.image_size={c.model.vit.image_size}")
+    raise ConfigError(f"the vocabulary {c.data.vocab!r} has {tokenizer.vocab_size} tokens but "
+                      f"config.model.bert.vocab_size={c.model.bert.vocab_size}: make them agree")
   source = pipeline.make_source(c, "train")
   num_train = c.data.num_train_samples if c.data.num_train_samples > 0 else len(source)
   data_iter = pipeline.make_train_iterator(c, tokenizer, process_index=jax.process_index(),
@@ -167,73 +239,107 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   train_step = built.jit()
 
   # ---------------------------------------------------------------- loop
-  writer = MetricWriter(workdir, enabled=is_main)
+  # Metrics of a step are fetched one step late (the host never waits on the step in flight),
+  # except before a save, an evaluation or a stop: a checkpoint only ever holds a state whose loss
+  # was checked (nonfinite='stop' saves nothing after a bad step).
+  writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
+  progress = ProgressLog(writer, plan=plan, start=start, batch_size=c.data.batch_size,
+                         log_every=c.log_every, desc=f"stage {c.stage}", t_start=t_start,
+                         enabled=is_main)
+  skips = {"skipped_updates": int(checkpointer.restored_loop.get("skipped_updates", 0)),
+           "consecutive_skips": int(checkpointer.restored_loop.get("consecutive_skips", 0))}
   interrupted = False
-  pending = None  # (step, metrics on device) of the previous step, fetched one step late.
-  t_last, n_last = time.time(), start
+  pending = None  # (step index, metrics on device) not yet fetched.
 
-  def drain(pending, last: bool = False):
-    """Fetches the metrics of a finished step (one step late, so the host never waits on the
-    step in flight), stops on a non-finite loss, logs every `log_every` steps."""
-    nonlocal t_last, n_last
+  def report_saves(wait: bool = False) -> None:
+    for done in checkpointer.poll_saves(wait=wait):
+      writer.write(done.pop("step"), done)
+
+  def nonfinite_error(what: str) -> NonFiniteLossError:
+    checkpointer.wait()   # An async save in flight (of a checked state) completes first.
+    report_saves()
+    last = checkpointer.latest_step()
+    where = (f"the newest complete checkpoint is step {last} in {checkpointer.directory} (a run "
+             "in this workdir resumes from it)" if last is not None else
+             "no checkpoint was saved yet (config.checkpoint.every)")
+    hint = " or set --config.nonfinite=skip" if c.nonfinite == "stop" else ""
+    return NonFiniteLossError(f"{what}; {where}. Lower config.optim.lr{hint}")
+
+  def drain(pending, last: bool = False) -> None:
+    """Fetches a finished step's metrics, logs them, and applies the non-finite policy."""
     done, m = pending
     m = jax.device_get(m)
-    if not bool(m["finite"]):
-      msg = (f"loss is not finite at step {done + 1} (loss={float(m['loss'])}, "
-             f"itc={float(m['loss_itc'])}, itm={float(m['loss_itm'])}, mlm={float(m['loss_mlm'])})")
-      if c.nonfinite == "stop":
-        raise FloatingPointError(msg + f"; the last checkpoint is step {checkpointer.latest_step()}."
-                                 " Lower the learning rate or set --config.nonfinite=skip")
-      log.warning("%s: update skipped", msg)
-    if bar is not None:
-      bar.update(1)
-    if (done + 1) % c.log_every == 0 or done == start or last:
-      now = time.time()
-      rate = (done + 1 - n_last) * c.data.batch_size / max(now - t_last, 1e-9)
-      t_last, n_last = now, done + 1
-      m = {k: v for k, v in m.items() if k != "finite"}
-      writer.write(done + 1, {**m, "samples_per_s": rate})
-      if bar is not None:
-        bar.set_postfix(loss=f"{float(m['loss']):.3f}", itm_acc=f"{float(m['itm_acc']):.2f}",
-                        samples_s=f"{rate:.0f}")
+    finite = bool(m.pop("finite"))
+    if c.nonfinite == "skip":
+      skips["consecutive_skips"] = 0 if finite else skips["consecutive_skips"] + 1
+      skips["skipped_updates"] += int(not finite)
+      m["skipped_updates"] = skips["skipped_updates"]
+    progress.step_done(done + 1, m, force_row=last or not finite)
+    report_saves()
+    if finite:
+      return
+    msg = (f"loss is not finite at step {done + 1} (loss={float(m['loss'])}, "
+           f"itc={float(m['loss_itc'])}, itm={float(m['loss_itm'])}, mlm={float(m['loss_mlm'])})")
+    if c.nonfinite == "stop":
+      raise nonfinite_error(msg)
+    n = skips["consecutive_skips"]
+    if n >= c.nonfinite_max_skips:
+      raise nonfinite_error(f"{n} updates in a row were skipped, the last at step {done + 1} "
+                            f"(config.nonfinite_max_skips={c.nonfinite_max_skips}): training "
+                            "diverged")
+    log.warning("%s: update skipped (%d in a row, %d in all)", msg, n, skips["skipped_updates"])
 
-  bar = None
+  redirect = contextlib.nullcontext()
   if is_main:
     from tqdm.auto import tqdm
-    bar = tqdm(total=plan.num_steps, initial=start - plan.first_step, desc=f"stage {c.stage}", unit="step",
-               dynamic_ncols=True, mininterval=1.0)
-  with PreemptionGuard() as guard, jax.set_mesh(mesh):
-    for step in range(start, plan.last_step):
-      batch = sharding.host_to_global(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    redirect = logging_redirect_tqdm(tqdm_class=tqdm)   # Log lines print above the bar.
+  log.info("training from step %d to %d (the first step compiles)", start, plan.last_step)
+  try:
+    with redirect, PreemptionGuard() as guard, jax.set_mesh(mesh):
+      for step in range(start, plan.last_step):
+        batch = sharding.host_to_global(next(data_iter), mesh)
+        state, metrics = train_step(state, batch)
+        if pending is not None:
+          drain(pending)
+        pending = (step, metrics)
+        save_now = (c.checkpoint.every > 0 and (step + 1) % c.checkpoint.every == 0
+                    and step + 1 < plan.last_step)
+        eval_now = c.eval_every > 0 and (step + 1) % c.eval_every == 0 and step + 1 < plan.last_step
+        if interrupt_after is not None and step + 1 - start >= interrupt_after:
+          guard.requested = guard.requested or "interrupt_after"
+        if jax.process_count() > 1:
+          guard.requested = agree_on_stop(guard.requested)
+        if save_now or eval_now or guard.requested:
+          drain(pending)
+          pending = None
+        if save_now:
+          checkpointer.save(step + 1, state, c, data_iter, loop=skips)
+          report_saves()   # A synchronous save is complete here.
+        if eval_now:
+          run_evals(c, model, state, mesh, tokenizer, writer, step + 1, workdir, final=False)
+        if guard.requested:
+          log.warning("%s received: saving step %d and exiting", guard.requested, step + 1)
+          interrupted = True
+          break
       if pending is not None:
-        drain(pending)
-      pending = (step, metrics)
-      if c.checkpoint.every > 0 and (step + 1) % c.checkpoint.every == 0 and step + 1 < plan.last_step:
-        checkpointer.save(step + 1, state, c, data_iter)
-      if c.eval_every > 0 and (step + 1) % c.eval_every == 0 and step + 1 < plan.last_step:
-        run_evals(c, model, state, mesh, tokenizer, writer, step + 1, workdir, final=False)
-      if interrupt_after is not None and step + 1 - start >= interrupt_after:
-        guard.requested = guard.requested or "interrupt_after"
-      if jax.process_count() > 1:
-        guard.requested = agree_on_stop(guard.requested)
-      if guard.requested:
-        log.warning("%s received: saving step %d and exiting", guard.requested, step + 1)
-        interrupted = True
-        break
-    if pending is not None:
-      drain(pending, last=True)
-    if bar is not None:
-      bar.close()
-    final_step = int(jax.device_get(state.step))
-    if final_step > start or checkpointer.latest_step() is None:
-      checkpointer.save(final_step, state, c, data_iter, force=True)
+        drain(pending, last=True)
+        pending = None
+      progress.close()
+      final_step = int(jax.device_get(state.step))
+      if checkpointer.latest_step() != final_step:
+        checkpointer.save(final_step, state, c, data_iter, force=True, loop=skips)
+      report_saves(wait=True)
+      eval_metrics = {}
+      if not interrupted:
+        eval_metrics = run_evals(c, model, state, mesh, tokenizer, writer, final_step, workdir,
+                                 final=True)
+  finally:
+    progress.close()
     checkpointer.close()
-    eval_metrics = {}
-    if not interrupted:
-      eval_metrics = run_evals(c, model, state, mesh, tokenizer, writer, final_step, workdir,
-                               final=True)
-  writer.close()
+    writer.close()
+    batch = metrics = None   # The last batch's shared memory (data workers) can now be freed.
+    pipeline.close_iterator(data_iter)
   return RunResult(workdir=workdir, final_step=final_step, interrupted=interrupted,
                    eval_metrics=eval_metrics)
 
@@ -309,15 +415,24 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   sharding.initialize_distributed()
   try:
+    prepare_workdir(workdir)
     if config.stage2_steps > 0:
       r1 = train(config, os.path.join(workdir, "stage1"))
       if not r1.interrupted:
         train(stage2_config(config, r1.workdir), os.path.join(workdir, "stage2"))
     else:
       train(config, workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except _user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that are the input's fault: the CLI prints their one-line message alone. Anything
+  else is a bug and keeps its traceback."""
+  from nas_jax.data.pipeline import DataErrorRateExceeded
+  return (ConfigError, ckpt_lib.CheckpointError, ckpt_lib.IncompatibleCheckpointError,
+          NonFiniteLossError, DataErrorRateExceeded, FileNotFoundError)
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -343,14 +458,14 @@ def check_overrides(argv: list[str]) -> None:
       siblings = sorted(k[len(parent) + 1:].split(".")[0] for k in flat if k.startswith(parent + "."))
       if parent and siblings:
         hint += f"; '{parent}' has: {', '.join(dict.fromkeys(siblings))}"
-      raise ValueError(f"unknown config key '{key}' in {a!r}{hint}; the keys are defined in "
-                       "nas_jax/config_lib.py")
+      raise ConfigError(f"unknown config key '{key}' in {a!r}{hint}; the keys are defined in "
+                        "nas_jax/config_lib.py")
 
 
 def cli():
   try:
     check_overrides(sys.argv[1:])
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:   # Only the config file is read here.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   from absl import app, flags

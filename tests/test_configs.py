@@ -13,6 +13,7 @@ from step_utils import ROOT
 def test_every_config_variant_loads(spec):
   c = config_lib.load_config_file(str(ROOT / "configs" / spec))
   assert c.data.batch_size > 0 and c.model.vit.image_size == c.data.image_size
+  config_lib.validate(c)   # Every shipped variant passes the start-up checks.
 
 
 def test_finetune_configs_share_the_384px_recipe():

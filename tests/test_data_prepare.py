@@ -66,3 +66,26 @@ def test_prepare_refuses_a_non_empty_output_and_keeps_negatives(tmp_path, sample
                                     "A child petting a flowered umbrella and holding a yak ."]
   with pytest.raises(FileExistsError, match="already holds 1 shards"):
     prepare.main(["--negclip_tsv", str(tsv), "--out", str(out), "--workers", "0"])
+
+
+def test_prepare_cli_bad_input_is_one_line(tmp_path, capsys):
+  """`python -m nas_jax.data.prepare`: a non-empty or file --out, or a missing input file, ends
+  with one `error:` line and exit status 2 instead of a traceback."""
+  corpus = make_albef_corpus(tmp_path / "raw")
+  out = tmp_path / "out"
+  args = ["--json", corpus["json"], "--image_root", corpus["image_root"], "--workers", "0",
+          "--no_progress"]
+  assert prepare.cli(args + ["--out", str(out)]) == 0
+  capsys.readouterr()
+  f = tmp_path / "file"
+  f.write_text("")
+  for bad, message in [
+      (["--out", str(out)], f"error: {out} already holds 1 shards: choose an empty --out"),
+      (["--out", str(f)], f"error: {f} is a file: choose a directory for --out"),
+      (["--json", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2")],
+       f"error: annotation file {str(tmp_path / 'missing.json')!r} does not exist"),
+  ]:
+    argv = (bad if bad[0] == "--json" else args + bad)
+    assert prepare.cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message) and "Traceback" not in "\n".join(err), err

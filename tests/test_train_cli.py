@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ def _cfg(**overrides):
 
 def _losses(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return {r["step"]: (r["loss"], r["loss_itc"], r["loss_mlm"], r["loss_itm"]) for r in rows}
+  return {r["step"]: (r["loss"], r["loss_itc"], r["loss_mlm"], r["loss_itm"]) for r in rows
+          if "loss" in r}   # Training rows (not the checkpoint or evaluation rows).
 
 
 def _params(workdir, config):
@@ -122,6 +124,47 @@ def test_unknown_config_key_is_an_error(tmp_path):
   assert "learning_rate" in proc.stderr and "lr" in proc.stderr  # Names the key, suggests 'lr'.
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config.nonfinite=skp"], "error: config.nonfinite='skp': use one of 'stop', 'skip'"),
+    (["--config.data.batch_size=-4"],
+     "error: config.data.batch_size=-4: must be an integer >= 1 (the global batch)"),
+    (["--workdir={file}"], "error: --workdir '{file}' is a file, not a directory: pass a "
+                           "directory"),
+])
+def test_bad_input_is_a_one_line_error(args, message, tmp_path):
+  """Bad values are refused at start-up (before any step, nothing written) in one line."""
+  f = tmp_path / "file"
+  f.write_text("")
+  wd = tmp_path / "wd"
+  proc = _cli(["--config", "configs/demo.py:tiny", "--workdir", str(wd)]
+              + [a.format(file=f) for a in args], timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [message.format(file=f)], proc.stderr
+  assert not (wd / "checkpoints").exists()
+
+
+def test_main_keeps_the_traceback_of_a_bug(monkeypatch, capsys):
+  """Only input errors become one `error:` line; a ValueError from a bug keeps its traceback."""
+  from absl import flags
+  from nas_jax import train
+  monkeypatch.setattr(flags, "FLAGS", type("Flags", (), {"config": _cfg(), "workdir": "/nowhere"}))
+  monkeypatch.setattr(train.logging, "basicConfig", lambda **kw: None)
+  monkeypatch.setattr(train.sharding, "initialize_distributed", lambda: None)
+
+  def raises(error):
+    def run(*args, **kwargs):
+      raise error
+    return run
+
+  monkeypatch.setattr(train, "train", raises(ValueError("a bug")))
+  with pytest.raises(ValueError, match="a bug"):
+    train.main([])
+  monkeypatch.setattr(train, "train", raises(train.ConfigError("config.x=1: use 2")))
+  with pytest.raises(SystemExit) as e:
+    train.main([])
+  assert e.value.code == 1 and capsys.readouterr().err == "error: config.x=1: use 2\n"
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path):
   """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 0, and a new
@@ -140,7 +183,9 @@ def test_sigterm_saves_and_resumes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == 0, out
-  assert "SIGTERM received: saving step" in out
+  # The warning starts its own line: it does not run into the progress bar's text.
+  assert re.search(r"(^|[\r\n])\d\d:\d\d:\d\d WARNING SIGTERM received: saving step", out), out
+  assert "first step done" in out and "checkpoint step" in out and " saved in " in out
   steps = sorted(int(p.name) for p in (pathlib.Path(tmp_path) / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert steps and 3 <= steps[-1] < 400

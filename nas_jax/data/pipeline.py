@@ -22,6 +22,7 @@ Batch contract (host-local numpy; b = data.batch_size // process_count, L = data
 
 from __future__ import annotations
 
+import gc
 import io
 import threading
 import time
@@ -35,8 +36,8 @@ from nas_jax.data import transforms as T
 from nas_jax.data.sources import make_source
 from nas_jax.data.text import pre_caption
 
-__all__ = ["make_source", "make_train_iterator", "batch_spec", "make_dataset", "make_transform",
-           "SampleMaker", "DevicePrefetch", "DataErrorRateExceeded", "data_stats",
+__all__ = ["make_source", "make_train_iterator", "close_iterator", "batch_spec", "make_dataset",
+           "make_transform", "SampleMaker", "DevicePrefetch", "DataErrorRateExceeded", "data_stats",
            "local_batch_size"]
 
 MAX_ATTEMPTS = 20          # Consecutive bad records before a sample gives up.
@@ -316,6 +317,28 @@ def make_train_iterator(config, tokenizer, *, process_index: int = 0, process_co
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers,
                                                      per_worker_buffer_size=max(1, d.prefetch)))
   return iter(it.map(_StripCounters()))
+
+
+def close_iterator(iterator) -> None:
+  """Stops the data workers and frees their shared memory before the caller moves on.
+
+  With data.num_workers > 0, batches arrive in shared-memory blocks that grain unlinks from a
+  background thread once the arrays are garbage; at interpreter exit that thread's last requests
+  are lost and Python's resource tracker reports "leaked shared_memory objects". Call this after
+  dropping the references to the last batch: it closes the iterator, collects the garbage and
+  waits for grain's pending deletions.
+  """
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
+  gc.collect()
+  try:
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    pool = SharedMemoryArray._del_thread_pool   # One FIFO thread (process_prefetch's setting).
+  except (ImportError, AttributeError):   # Another grain version: nothing we know to wait for.
+    return
+  if pool is not None:
+    pool.apply(int)   # Returns once the deletions queued before it have run.
 
 
 def _dataset_iterator_base():

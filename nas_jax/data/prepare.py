@@ -96,6 +96,8 @@ def prepare(source, out_dir: str, *, max_side: int = 384, quality: int = 90,
   from array_record.python import array_record_module
   from tqdm import tqdm
 
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f"{out_dir} is a file: choose a directory for --out")
   os.makedirs(out_dir, exist_ok=True)
   stale = [f for f in os.listdir(out_dir) if f.endswith(".array_record")]
   if stale:
@@ -196,5 +198,17 @@ def main(argv=None) -> dict:
   return summary
 
 
+def cli(argv=None) -> int:
+  """`main` for the command line: bad input (missing files, a non-empty --out, malformed
+  annotations) ends with one `error: ...` line and exit status 2, not a traceback."""
+  try:
+    main(argv)
+  except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+          sources_lib.DataFormatError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())
