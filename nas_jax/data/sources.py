@@ -80,9 +80,30 @@ def _as_caption(value: Any) -> str:
   return value if isinstance(value, str) else ""
 
 
+class _CaptionedImages:
+  """Records of the file-list sources: an image path, its captions, a same-image id and hard-negative
+  captions, held compactly (the corpora have millions of records)."""
+
+  def _hold(self, images: list[str], captions: list[list[str]], image_keys: Sequence[Any],
+            negs: list[list[str]] | None = None) -> None:
+    self._images = StringTable(images)
+    self._captions = _RaggedStrings(captions)
+    self._negs = _RaggedStrings(negs) if negs is not None else None
+    self._image_ids = _contiguous_ids(image_keys)
+    self.num_images = int(self._image_ids.max()) + 1 if len(self._image_ids) else 0
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, i: int) -> dict:
+    path = self._images[i]
+    return dict(image=path, captions=self._captions[i], image_id=int(self._image_ids[i]),
+                neg_captions=self._negs[i] if self._negs is not None else [], path=path)
+
+
 # ------------------------------------------------------------------------------ ALBEF json
 
-class AlbefJsonSource:
+class AlbefJsonSource(_CaptionedImages):
   """ALBEF pre-training / retrieval JSON lists, several files read as one corpus.
 
   Args:
@@ -114,18 +135,7 @@ class AlbefJsonSource:
         full = os.path.join(image_root, image) if image_root else image
         images.append(full)
         keys.append(("id", rec["image_id"]) if "image_id" in rec else ("path", full))
-    self._images = StringTable(images)
-    self._captions = _RaggedStrings(captions)
-    self._image_ids = _contiguous_ids(keys)
-    self.num_images = int(self._image_ids.max()) + 1 if len(self._image_ids) else 0
-
-  def __len__(self) -> int:
-    return len(self._images)
-
-  def __getitem__(self, i: int) -> dict:
-    path = self._images[i]
-    return dict(image=path, captions=self._captions[i], image_id=int(self._image_ids[i]),
-                neg_captions=[], path=path)
+    self._hold(images, captions, keys)
 
 
 def _short(obj: Any, n: int = 120) -> str:
@@ -153,7 +163,7 @@ def _load_json_list(path: str) -> list:
 NEGCLIP_COLUMNS = ("", "title", "filepath", "neg_caption", "neg_image")
 
 
-class NegClipTsvSource:
+class NegClipTsvSource(_CaptionedImages):
   """NegCLIP's text-augmented COCO (`train_neg_clip.tsv`): (I, T) plus T_fg hard negatives.
 
   Args:
@@ -187,19 +197,7 @@ class NegClipTsvSource:
           captions.append([row[1]])
           rel = row[2]
           images.append(os.path.join(image_root, rel) if image_root else rel)
-    self._images = StringTable(images)
-    self._captions = _RaggedStrings(captions)
-    self._negs = _RaggedStrings(negs)
-    self._image_ids = _contiguous_ids(images)
-    self.num_images = int(self._image_ids.max()) + 1 if len(self._image_ids) else 0
-
-  def __len__(self) -> int:
-    return len(self._images)
-
-  def __getitem__(self, i: int) -> dict:
-    path = self._images[i]
-    return dict(image=path, captions=self._captions[i], image_id=int(self._image_ids[i]),
-                neg_captions=self._negs[i], path=path)
+    self._hold(images, captions, images, negs)
 
 
 def _parse_neg_list(text: str, path: str, row_no: int) -> list[str]:
