@@ -270,7 +270,7 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
       "data.source": SOURCES,
       "data.augment": ("auto", "full", "flip", "none"),
       "data.image_dtype": ("float32", "uint8"),
-      "eval.score": SCORE_MODES,
+      "eval.score": ("",) + tuple(SCORE_MODES),   # "": each benchmark's own score
   }
 
 
@@ -362,6 +362,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.dictionary.frozen and m.dictionary.init == "data" and not c.init_from:
     fail("model.dictionary.frozen", "with dictionary.init='data' and no init_from the codebook "
          "would never be initialised: load one (init_from) or use init='normal'")
+  from nas_jax.benchmarks import registry
+  unknown = registry.unknown_names(c.eval.benches)
+  if unknown:
+    fail("eval.benches", f"has unknown benchmarks {unknown}: use {', '.join(registry.BENCHMARKS)}")
   at_least("mesh.fsdp", 1)
   if c.mesh.data != -1:
     at_least("mesh.data", 1, " (or -1: all remaining devices)")

@@ -75,7 +75,7 @@ def _copy(reference, tmp_path) -> pathlib.Path:
     ("data.source", "coco", r"config.data.source='coco': use one of 'synthetic', 'albef_json'"),
     ("data.augment", "heavy", r"'auto', 'full', 'flip', 'none'"),
     ("data.image_dtype", "float16", r"'float32', 'uint8'"),
-    ("eval.score", "cosine", r"config.eval.score='cosine': use one of 'itm'"),
+    ("eval.score", "cosine", r"config.eval.score='cosine': use one of '', 'itm_p', 'itm'"),
     ("accum_steps", 0, r"config.accum_steps=0: must be an integer >= 1"),
     ("nonfinite_max_skips", 0, r"config.nonfinite_max_skips=0: must be an integer >= 1"),
     ("data.image_size", 48, r"config.data.image_size=48: differs from model.vit.image_size=32"),
