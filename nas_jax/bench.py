@@ -11,8 +11,9 @@ input pipeline, no host transfer). After `--warmup` steps, `--steps` steps are t
 (`block_until_ready` after each); then the same number again without a per-step sync
 ("pipelined", the training loop's situation). The table: compile time, median (min-max) step time,
 samples/s, peak device memory, the analytic matmul GFLOP/sample of the step as configured
-(`nas_jax/flops.py`) and MFU against 989 TFLOP/s on that count and on the PyTorch reference's
-311.8 GFLOP/sample.
+(`nas_jax/flops.py`) and MFU per device (the rate over all devices / their number / the device
+kind's dense bf16 peak: 989 TFLOP/s for H100 and H200; n/a where no peak is known, e.g. CPU) on
+that count and on the PyTorch reference's 311.8 GFLOP/sample.
 
 `--profile_dir DIR` also traces `--profile_steps` steps with `jax.profiler` and writes top_ops.md:
 the top device ops (by HLO instruction, with the op name of the JAX code that produced it), then
@@ -291,7 +292,9 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
     data = synthetic_batch(c, batch, sharding.batch_sharding(mesh), seed)
     jax.block_until_ready((state, data))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(f"[bench] {label or 'config'}: {n_params / 1e6:.1f}M params, batch {batch} on "
+    n_arrays = len(jax.tree.leaves(state))
+    log(f"[bench] {label or 'config'}: {n_params / 1e6:.1f}M params, {n_arrays} train-state arrays "
+        f"(model.scan_layers={c.model.get('scan_layers', True)}), batch {batch} on "
         f"{len(mesh.devices.flat)} {jax.devices()[0].platform} device(s); compiling ...")
 
     t0 = time.perf_counter()
@@ -300,6 +303,7 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
     log(f"[bench] compiled in {compile_s:.1f} s; {warmup} warm-up + {steps} timed steps")
     if compile_only:
       return {"config": label, "batch": batch, "compile_s": compile_s, "compile_only": True,
+              "state_arrays": n_arrays,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
 
     for _ in range(warmup):
@@ -333,10 +337,17 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
         getattr(mem, "alias_size_in_bytes", 0) or 0)
   med = statistics.median(times)
   per_sample = count.per_sample
+  devices = len(mesh.devices.flat)
+  kind = jax.devices()[0].device_kind
+  peak_tf = flops_lib.peak_tflops(kind)
+  per_device = lambda flops: (None if peak_tf is None
+                              else flops_lib.mfu(flops, batch / med, peak_tf, devices))
   row = {
       "config": label, "stage": 2 if c.nva.enabled else 1,
-      "batch": batch, "devices": len(mesh.devices.flat), "dtype": c.model.dtype,
+      "batch": batch, "devices": devices, "dtype": c.model.dtype,
       "attention": attention_label(c), "remat": bool(c.model.remat),
+      "scan_layers": bool(c.model.get("scan_layers", True)),
+      "state_arrays": n_arrays,
       "compile_s": compile_s, "step_ms_median": 1e3 * med, "step_ms_min": 1e3 * min(times),
       "step_ms_max": 1e3 * max(times), "samples_per_s": batch / med,
       "samples_per_s_pipelined": batch / pipelined,
@@ -344,11 +355,12 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
       "compiled_gib": est / GIB if est is not None else None,
       "gflop_per_sample": per_sample / 1e9,
       "ref_gflop_per_sample": flops_lib.REFERENCE_GFLOP_PER_SAMPLE,
-      "mfu": flops_lib.mfu(per_sample, batch / med),
-      "mfu_ref": flops_lib.mfu(flops_lib.REFERENCE_GFLOP_PER_SAMPLE * 1e9, batch / med),
+      "peak_tflops": peak_tf,
+      "mfu": per_device(per_sample),
+      "mfu_ref": per_device(flops_lib.REFERENCE_GFLOP_PER_SAMPLE * 1e9),
       "loss": loss, "platform": jax.devices()[0].platform,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+      "device": kind, "jax": jax.__version__,
   }
   if not np.isfinite(loss):
     log(f"[bench] warning: the loss is not finite ({loss}) on random weights")
@@ -391,9 +403,22 @@ def _profile(compiled, state, data, profile_dir: str, steps: int, log) -> dict:
   return {"state": state, "busy_ms": busy, "top": rows, "trace": new[-1]}
 
 
-COLUMNS = ("config", "stage", "batch", "dtype", "attention", "remat", "compile s",
+COLUMNS = ("config", "stage", "batch", "devices", "dtype", "attention", "remat", "compile s",
            "step ms median (min–max)", "samples/s", "pipelined samples/s", "peak GiB", "GFLOP/sample", "ref GFLOP/sample",
-           "MFU", "MFU (ref count)")
+           "MFU / device", "MFU / device (ref count)")
+
+
+def _percent(x) -> str:
+  return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def mfu_line(row: dict) -> str:
+  """'MFU per device: 21.2% (ref count 21.2%) of 989 TFLOP/s, 2 × NVIDIA H200', or why n/a."""
+  devices = f"{row.get('devices', 1)} × {row.get('device', '?')}"
+  if row.get("peak_tflops") is None:
+    return f"MFU per device: n/a ({devices}: no dense bf16 peak known, flops.DEVICE_PEAK_TFLOPS)"
+  return (f"MFU per device: {_percent(row['mfu'])} (ref count {_percent(row['mfu_ref'])}) of "
+          f"{row['peak_tflops']:.0f} TFLOP/s, {devices}")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -401,12 +426,12 @@ def markdown_table(rows: list[dict]) -> str:
   lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   for r in rows:
     peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
-    cells = [r["config"], str(r["stage"]), str(r["batch"]), r["dtype"], r["attention"],
+    devices = f"{r.get('devices', 1)} × {r.get('device', '?')}"
+    cells = [r["config"], str(r["stage"]), str(r["batch"]), devices, r["dtype"], r["attention"],
              "on" if r["remat"] else "off", f"{r['compile_s']:.1f}",
              f"{r['step_ms_median']:.2f} ({r['step_ms_min']:.2f}–{r['step_ms_max']:.2f})",
              f"{r['samples_per_s']:.1f}", f"{r['samples_per_s_pipelined']:.1f}", peak, f"{r['gflop_per_sample']:.1f}",
-             f"{r['ref_gflop_per_sample']:.1f}", f"{100 * r['mfu']:.1f}%",
-             f"{100 * r['mfu_ref']:.1f}%"]
+             f"{r['ref_gflop_per_sample']:.1f}", _percent(r.get("mfu")), _percent(r.get("mfu_ref"))]
     lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
   return "\n".join(lines)
 
@@ -498,7 +523,9 @@ def main(argv):
   elif f.scorer_pairs <= 0:
     print(f"[bench] pipelined (no per-step sync): {row['samples_per_s_pipelined']:.1f} samples/s; "
           f"loss {row['loss']:.3f}; compiled estimate "
-          + (f"{row['compiled_gib']:.2f} GiB" if row["compiled_gib"] is not None else "n/a"))
+          + (f"{row['compiled_gib']:.2f} GiB" if row["compiled_gib"] is not None else "n/a")
+          + f"; {row['state_arrays']} train-state arrays")
+    print(f"[bench] {mfu_line(row)}")
     print(markdown_table([row]))
 
 

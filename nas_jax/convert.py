@@ -24,7 +24,10 @@ key or a shape mismatch is an error naming the key. `.pth` / `.bin` need PyTorch
 enough: `pip install torch --index-url https://download.pytorch.org/whl/cpu`, or the optional extra
 `nas_jax[torch]`); `.safetensors` and `.npz` are read without it.
 
-Output trees use the top-level names of the NAS model (per-layer subtrees `blocks_{i}` / `layer_{i}`):
+Output trees use the top-level names of the NAS model. The layers are mapped one by one into
+per-layer subtrees (`vit/blocks_{i}`, `bert/layer_{i}`, PyTorch's numbering), then `model_layout`
+stacks them as the config's `model.scan_layers` asks (default: `vit/blocks`, `bert/text_layers`,
+`bert/fusion_layers`, each leaf [layers, ...]; models/layer_stack.py):
   params       {'vit', 'bert' (incl. 'cls'), 'vision_proj', 'text_proj', 'itm_head', 'temp' [],
                 'dictionary' (nas_albef)}
   params_m     {'vit', 'bert', 'vision_proj', 'text_proj'}
@@ -303,6 +306,16 @@ def _model_config(model, changes: Mapping[str, Any] | None = None) -> dict[str, 
   return out
 
 
+def model_layout(tree, config):
+  """A tree of the per-layer mapping code below (`blocks_{i}`, `layer_{i}`) in the layout of the
+  config's `model.scan_layers`: stacked (`blocks`, `text_layers`, `fusion_layers`, [L, ...]; the
+  default, also for a bare model.vit / model.bert section), or left per layer.
+  `layer_stack.unstack_layers` is the inverse (tests, exporting)."""
+  from nas_jax.models import layer_stack  # Not at the top: reading files needs no jax / flax.
+
+  return layer_stack.to_layout(tree, config)
+
+
 # ------------------------------------------------------------------------------------- ViT
 
 def _vit_tree(sd: StateDict, prefix: str, vit, report: Report, where: str) -> dict[str, Any]:
@@ -363,7 +376,8 @@ def convert_deit(source, config, *, report: Report | None = None) -> dict[str, A
 
   Args:
     source: path (.pth with a 'model' key, bare .pth, .safetensors, .npz) or a state dict.
-    config: full config (uses config.model.vit) or its model section.
+    config: full config (uses config.model.vit; model.scan_layers picks the layout, see
+      `model_layout`), its model section, or the model.vit section (stacked layout).
     report: filled with what was converted / unused.
   """
   report = report if report is not None else Report()
@@ -377,7 +391,7 @@ def convert_deit(source, config, *, report: Report | None = None) -> dict[str, A
     report.model_config = _model_config(model)
   report.unused.update(sd.finish())
   report.converted.append("params/vit")
-  return tree
+  return model_layout(tree, config)
 
 
 # ------------------------------------------------------------------------------------- BERT
@@ -505,8 +519,9 @@ def convert_bert(source, config, *, encoder_width: int | None = None, seed: int 
 
   Args:
     source: path (.safetensors, .bin, .npz) or a state dict; with or without the `bert.` prefix.
-    config: full config (uses model.bert, and model.vit.hidden_size as the cross-attention key /
-      value width) or its model section.
+    config: full config (uses model.bert, model.vit.hidden_size as the cross-attention key /
+      value width, and model.scan_layers for the layout: `model_layout`), its model section, or
+      the model.bert section (stacked layout).
     encoder_width: overrides the cross-attention input width.
     seed: seed of the fresh cross-attention (and absent MLM head) initialisation.
     report: filled with converted / initialised / unused keys.
@@ -525,7 +540,7 @@ def convert_bert(source, config, *, encoder_width: int | None = None, seed: int 
   tree = _complete_bert(_as_float32(tree), missing, bert, width, seed, report, "params/bert")
   report.unused.update(sd.finish())
   report.converted.append("params/bert")
-  return tree
+  return model_layout(tree, config)
 
 
 # ------------------------------------------------------------------------------------- ALBEF
@@ -611,7 +626,7 @@ def convert_albef(source, config, *, seed: int = 0,
   if model.get("use_dictionary", False):
     report.notes.append("model_config.use_dictionary=False: an ALBEF checkpoint has no visual "
                         "dictionary (the config's VD, if trained from here, starts fresh)")
-  return trees
+  return model_layout(trees, model)
 
 
 # ------------------------------------------------------------------------------------- NAS_ALBEF
@@ -701,7 +716,7 @@ def convert_nas_albef(source, config, *, seed: int = 0,
     report.notes.append("queues: their model_pretrain never enqueues from commit 5523459 on (the "
                         "call is commented out), so a checkpoint of such a run holds randomly "
                         "initialised image_queue / text_queue (docs/CONVERT.md)")
-  return trees
+  return model_layout(trees, model)
 
 
 def _get_dotted(tree: Mapping[str, Any], key: str):

@@ -1,9 +1,10 @@
 """Analytic matmul FLOP count of one NAS training step, as configured.
 
 Why analytic: XLA's `compiled.cost_analysis()` under-counts (it reported 8-16 GFLOP/sample for a
-ViT-B/16 step whose matmuls alone are 141, measured on an H100). MFU here is
-`flops_per_sample * batch / step_time / peak`, with the matmuls (dense layers, convolution,
-attention scores and mixing, similarity products) counted and everything elementwise ignored.
+ViT-B/16 step whose matmuls alone are 141). MFU here is per device:
+`flops_per_sample * batch / step_time / devices / peak`, the peak that of the device kind
+(`peak_tflops`), with the matmuls (dense layers, convolution, attention scores and mixing,
+similarity products) counted and everything elementwise ignored.
 
 Conventions (the usual ones for MFU; the PyTorch reference of issue 9 uses the same):
   * A product [M, K] x [K, N] is 2*M*K*N FLOPs.
@@ -41,6 +42,16 @@ import ml_collections
 
 REFERENCE_GFLOP_PER_SAMPLE = 311.8   # the authors' PyTorch NAS step (issue 9), fwd + bwd
 PEAK_TFLOPS = 989.0                  # H100 SXM dense bf16 data-sheet peak
+# Dense bf16 data-sheet peak of one device, TFLOP/s, by a part of `jax.Device.device_kind` (first
+# match wins: the PCIe / NVL variants before the SXM parts). Others (CPU, TPU): no MFU.
+DEVICE_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +186,16 @@ def step_flops(config: ml_collections.ConfigDict, batch_size: int | None = None,
   return FlopCount(tuple(parts))
 
 
-def mfu(flops_per_sample: float, samples_per_second: float, peak_tflops: float = PEAK_TFLOPS
-        ) -> float:
-  """Model FLOPs utilisation in [0, 1]."""
-  return flops_per_sample * samples_per_second / (peak_tflops * 1e12)
+def peak_tflops(device_kind: str) -> float | None:
+  """Dense bf16 peak of one device of this kind ('NVIDIA H200' → 989), None if not known."""
+  for part, peak in DEVICE_PEAK_TFLOPS:
+    if part.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def mfu(flops_per_sample: float, samples_per_second: float, peak_tflops: float = PEAK_TFLOPS,
+        devices: int = 1) -> float:
+  """Model FLOPs utilisation per device in [0, 1]: the whole run's rate over `devices` devices of
+  `peak_tflops` each."""
+  return flops_per_sample * samples_per_second / devices / (peak_tflops * 1e12)

@@ -11,6 +11,8 @@ import jax
 import ml_collections
 import optax
 
+from nas_jax.models import layer_stack
+
 
 def learning_rate_schedule(lr: float, min_lr: float, warmup_steps: int,
                            total_steps: int) -> optax.Schedule:
@@ -28,7 +30,10 @@ def plan_schedule(plan) -> optax.Schedule:
 
 
 def decay_mask(params):
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """True where AdamW decays: leaves of rank > 1 per layer (a stacked layer's bias [L, D] is a
+  bias: models/layer_stack.py)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: len(layer_stack.layer_shape(path, p.shape)) > 1, params)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule | int):

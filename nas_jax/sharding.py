@@ -4,7 +4,9 @@ The mesh has axes ('data', 'fsdp') with Auto axis types (the default Explicit ty
 codebook gather `embed[idx]`, its scatter-add and the batch-sharded similarity matmuls with a
 ShardingTypeError). The batch is split over
 both axes; parameters and optimiser state are replicated, or split over 'fsdp' by `param_spec`
-(large matrices along their largest divisible dimension, everything small replicated).
+(large matrices along their largest divisible dimension, everything small replicated). A stacked
+layer array [L, ...] (models/layer_stack.py) is split as each of its layers would be: never along
+the layer axis, which the scan slices one layer at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nas_jax.models import layer_stack
 
 BATCH_AXES = ("data", "fsdp")
 # Arrays with fewer elements than this stay replicated under FSDP (biases, norms, small heads).
@@ -75,14 +79,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_spec(shape: Sequence[int], fsdp: int) -> P:
-  """FSDP rule: split the largest dimension divisible by `fsdp` of a large array."""
-  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+def param_spec(shape: Sequence[int], fsdp: int, stacked: bool = False) -> P:
+  """FSDP rule: split the largest dimension divisible by `fsdp` of a large array. `stacked`: the
+  leading axis is a layer axis, never split; size and dimensions are those of one layer."""
+  shape = tuple(shape)
+  lead = 1 if stacked and shape else 0
+  layer = shape[lead:]
+  if fsdp <= 1 or int(np.prod(layer, dtype=np.int64)) < FSDP_MIN_SIZE:
     return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-    if shape[dim] % fsdp == 0:
+  for dim in sorted(range(len(layer)), key=lambda d: -layer[d]):
+    if layer[dim] % fsdp == 0:
       spec = [None] * len(shape)
-      spec[dim] = "fsdp"
+      spec[lead + dim] = "fsdp"
       return P(*spec)
   return P()
 
@@ -92,11 +100,11 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   (step, queues, rng, scalars) replicated."""
   fsdp = mesh.shape["fsdp"]
 
-  def leaf(x):
+  def leaf(path, x):
     shape = getattr(x, "shape", ())
-    return NamedSharding(mesh, param_spec(shape, fsdp))
+    return NamedSharding(mesh, param_spec(shape, fsdp, layer_stack.is_stacked(path)))
 
-  shardings = jax.tree.map(leaf, abstract_state)
+  shardings = jax.tree_util.tree_map_with_path(leaf, abstract_state)
   # The queues are read whole by every ITC similarity: keep them replicated.
   if hasattr(abstract_state, "queues"):
     shardings = shardings.replace(queues=jax.tree.map(lambda _: replicated(mesh),

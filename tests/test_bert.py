@@ -11,6 +11,7 @@ import pytest
 
 from nas_jax import convert
 from nas_jax.data.text import Tokenizer
+from nas_jax.models import layer_stack
 from nas_jax.models.bert import BertModel
 
 VOCAB, HIDDEN, HEADS, INTER, LAYERS, FUSION, MAX_POS, ENC_WIDTH = 50, 32, 2, 64, 4, 2, 16, 48
@@ -106,6 +107,13 @@ def test_text_fusion_and_mlm_head_match_hf_layers(run_torch, minilm_dir):
   logits = model.apply(variables, fused, method="mlm_logits")
   assert logits.dtype == jnp.float32 and logits.shape == (3, 8, VOCAB)
   np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
+  # The unrolled layout (model.scan_layers=False) on the same numbers, HF's layer_{i} subtrees.
+  unrolled = BertModel(cfg, scan_layers=False)
+  per_layer = {"params": layer_stack.unstack_layers(params)}
+  np.testing.assert_allclose(
+      np.asarray(unrolled.apply(per_layer, text, mask, jnp.asarray(ref["image"]),
+                                jnp.asarray(ref["image_mask"]), method="fuse")),
+      ref["fused"], atol=1e-4, rtol=0)
   # The image mask matters: attending to every image token changes the masked example only.
   unmasked = model.apply(variables, text, mask, jnp.asarray(ref["image"]), method="fuse")
   assert np.abs(np.asarray(unmasked[1]) - ref["fused"][1]).max() > 1e-3
@@ -116,25 +124,39 @@ _INIT = {}
 
 
 def _init(cfg, **kw):
-  """(model, variables, inputs) for a tiny config; initialised once per config."""
+  """(model, variables, inputs) for a tiny config; initialised once per config (scanned, and
+  unstacked for `scan_layers=False`)."""
   ids, mask, image, _ = _tiny_inputs()
   key = json.dumps(cfg.to_dict(), sort_keys=True)
   if key not in _INIT:
     _INIT[key] = BertModel(cfg).init(jax.random.key(0), ids, mask, image)
-  return BertModel(cfg, **kw), _INIT[key], (ids, mask, image)
+  variables = _INIT[key] if kw.get("scan_layers", True) else layer_stack.unstack_layers(_INIT[key])
+  return BertModel(cfg, **kw), variables, (ids, mask, image)
 
 
-def test_param_names_follow_hf_layout():
+@pytest.mark.parametrize("scan", [True, False], ids=["stacked", "per_layer"])
+def test_param_names_follow_hf_layout(scan):
+  """HF's names; the layers two stacks 'text_layers' [FUSION, ...] and 'fusion_layers'
+  [LAYERS - FUSION, ...] (scanned), or HF's numbering 'layer_{i}'."""
   ids, mask, image, _ = _tiny_inputs()
-  p = jax.eval_shape(BertModel(tiny_config()).init, jax.random.key(0), ids, mask, image)["params"]
-  assert set(p) == {"embeddings", "cls", *(f"layer_{i}" for i in range(LAYERS))}
+  p = jax.eval_shape(BertModel(tiny_config(), scan_layers=scan).init, jax.random.key(0), ids,
+                     mask, image)["params"]
+  if scan:
+    layers = ["text_layers", "fusion_layers"]
+    text, fusion = p["text_layers"], p["fusion_layers"]
+    n_text, n_fusion = (FUSION,), (LAYERS - FUSION,)
+  else:
+    layers = [f"layer_{i}" for i in range(LAYERS)]
+    text, fusion, n_text, n_fusion = p[f"layer_{FUSION - 1}"], p[f"layer_{FUSION}"], (), ()
+  assert set(p) == {"embeddings", "cls", *layers}
   assert set(p["embeddings"]) == {"word_embeddings", "position_embeddings",
                                   "token_type_embeddings", "LayerNorm"}
-  assert "crossattention" not in p[f"layer_{FUSION - 1}"]
-  fusion = p[f"layer_{FUSION}"]
+  assert set(text) == {"attention", "intermediate", "output"}
+  assert text["attention"]["query"]["kernel"].shape == n_text + (HIDDEN, HIDDEN)
   assert set(fusion) == {"attention", "crossattention", "intermediate", "output"}
   assert set(fusion["crossattention"]) == {"query", "key", "value", "output"}
-  assert fusion["crossattention"]["key"]["kernel"].shape == (ENC_WIDTH, HIDDEN)
+  assert fusion["crossattention"]["key"]["kernel"].shape == n_fusion + (ENC_WIDTH, HIDDEN)
+  assert fusion["output"]["LayerNorm"]["bias"].shape == n_fusion + (HIDDEN,)
   assert set(p["cls"]["predictions"]) == {"transform", "bias"}
   assert "decoder" not in p["cls"]["predictions"]  # Tied to the word embeddings.
 
@@ -154,8 +176,9 @@ def test_masked_tokens_do_not_influence_real_tokens():
   assert np.abs(np.asarray(changed)[~real] - np.asarray(base)[~real]).max() > 1e-3
 
 
-def test_dropout_only_in_training():
-  model, params, (ids, mask, image) = _init(tiny_config())
+@pytest.mark.parametrize("scan", [True, False], ids=["stacked", "per_layer"])
+def test_dropout_only_in_training(scan):
+  model, params, (ids, mask, image) = _init(tiny_config(), scan_layers=scan)
   evals = [model.apply(params, ids, mask, image) for _ in range(2)]
   np.testing.assert_array_equal(np.asarray(evals[0]), np.asarray(evals[1]))
   train = [model.apply(params, ids, mask, image, train=True, rngs={"dropout": jax.random.key(s)})
@@ -165,7 +188,7 @@ def test_dropout_only_in_training():
   with pytest.raises(Exception, match="dropout"):  # train=True needs the 'dropout' rng stream.
     model.apply(params, ids, mask, image, train=True)
   # With both rates at 0, training mode computes exactly the evaluation function.
-  no_drop, p0, _ = _init(tiny_config(hidden_dropout=0.0, attention_dropout=0.0))
+  no_drop, p0, _ = _init(tiny_config(hidden_dropout=0.0, attention_dropout=0.0), scan_layers=scan)
   np.testing.assert_allclose(
       np.asarray(no_drop.apply(p0, ids, mask, image, train=True,
                                rngs={"dropout": jax.random.key(1)})),
@@ -195,6 +218,50 @@ def test_remat_computes_the_same_function_in_training():
   np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_and_unrolled_layers_give_the_same_outputs_and_gradients(remat):
+  """model.scan_layers is a layout switch: text + fusion + MLM head scanned or unrolled compute the
+  same function (float32, dropout off, to 1e-5) and the same gradients, layer by layer."""
+  cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+  _, params, (ids, mask, image) = _init(cfg)
+  _, _, _, image_mask = _tiny_inputs()
+  per_layer = layer_stack.unstack_layers(params)
+  run = lambda m, i, t, v, vm: m.mlm_logits(m.fuse(m.text(i, t, train=True), t, v, vm, train=True))
+  apply = lambda scan, p, v: BertModel(cfg, remat=remat, scan_layers=scan).apply(
+      p, ids, mask, v, image_mask, method=run, rngs={"dropout": jax.random.key(0)})
+  np.testing.assert_allclose(np.asarray(apply(False, per_layer, image)),
+                             np.asarray(apply(True, params, image)), atol=1e-5, rtol=0)
+  loss = lambda scan: lambda p, v: jnp.sum(jnp.tanh(apply(scan, p, v)))
+  grads = jax.grad(loss(False), argnums=(0, 1))(per_layer, image)
+  stacked = jax.grad(loss(True), argnums=(0, 1))(params, image)
+  stacked = (layer_stack.unstack_layers(stacked[0]), stacked[1])
+  assert jax.tree.structure(grads) == jax.tree.structure(stacked)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+  assert scale > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5 * scale), grads, stacked)
+
+
+@pytest.mark.parametrize("fusion_layer", [0, LAYERS])
+def test_an_empty_stack_is_left_out(fusion_layer):
+  """fusion_layer = 0 (all fusion) or = num_layers (a plain text BERT, as minilm): one stack only;
+  the empty side returns its input, and the two layouts agree."""
+  cfg = tiny_config(fusion_layer=fusion_layer)
+  model, params, (ids, mask, image) = _init(cfg)
+  present = "fusion_layers" if fusion_layer == 0 else "text_layers"
+  assert set(params["params"]) == {"embeddings", "cls", present}
+  embedded = model.apply(params, ids, method="embed")
+  text = model.apply(params, ids, mask, method="text")
+  fused = model.apply(params, text, mask, image, method="fuse")
+  if fusion_layer == 0:
+    np.testing.assert_array_equal(np.asarray(text), np.asarray(embedded))
+  else:
+    np.testing.assert_array_equal(np.asarray(fused), np.asarray(text))
+  unrolled, per_layer, _ = _init(cfg, scan_layers=False)
+  np.testing.assert_allclose(np.asarray(unrolled.apply(per_layer, ids, mask, image)),
+                             np.asarray(model.apply(params, ids, mask, image)), atol=1e-5, rtol=0)
+
+
 def test_text_too_long_is_a_clear_error():
   model, params, _ = _init(tiny_config())
   ids = jnp.zeros((1, MAX_POS + 2), jnp.int32)
@@ -202,17 +269,19 @@ def test_text_too_long_is_a_clear_error():
     model.apply(params, ids, jnp.ones_like(ids), method="text")
 
 
-def test_cudnn_path_pads_text_and_image_tokens_once_and_computes_the_same(monkeypatch):
+@pytest.mark.parametrize("scan", [True, False], ids=["stacked", "per_layer"])
+def test_cudnn_path_pads_text_and_image_tokens_once_and_computes_the_same(monkeypatch, scan):
   """On 'cudnn' the text (7 tokens) and image tokens (5) are padded to even lengths once, at the
   entry of `text` / `fuse`, so every attention call already has even lengths (no per-layer
   copies). Checked on CPU with XLA standing in for the cuDNN kernel: same outputs as 'xla'."""
   from nas_jax.models import attention as attn_lib
   cfg = tiny_config()
-  _, params, (ids, mask, image) = _init(cfg)
+  _, params, (ids, mask, image) = _init(cfg, scan_layers=scan)
   _, _, _, image_mask = _tiny_inputs()
   ids, mask = ids[:, :7], mask[:, :7]
   run = lambda m, i, t, v, vm: m.fuse(m.text(i, t), t, v, vm)
-  want = BertModel(cfg, dtype=jnp.bfloat16).apply(params, ids, mask, image, image_mask, method=run)
+  want = BertModel(cfg, dtype=jnp.bfloat16, scan_layers=scan).apply(params, ids, mask, image,
+                                                                    image_mask, method=run)
 
   seen, real = [], attn_lib.dot_product_attention
 
@@ -222,9 +291,10 @@ def test_cudnn_path_pads_text_and_image_tokens_once_and_computes_the_same(monkey
     return real(q, k, v, **kw)
 
   monkeypatch.setattr(attn_lib, "dot_product_attention", xla_instead_of_cudnn)
-  got = BertModel(cfg, dtype=jnp.bfloat16, attention="cudnn").apply(
+  got = BertModel(cfg, dtype=jnp.bfloat16, attention="cudnn", scan_layers=scan).apply(
       params, ids, mask, image, image_mask, method=run)
   assert sorted(set(seen)) == [(8, 6), (8, 8)]        # text 7 -> 8, image tokens 5 -> 6
-  assert len(seen) == LAYERS + (LAYERS - FUSION)     # self-attention everywhere + cross-attention
+  if not scan:  # Unrolled, each layer is traced: self-attention everywhere + cross-attention.
+    assert len(seen) == LAYERS + (LAYERS - FUSION)
   assert got.shape == want.shape == (3, 7, HIDDEN)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=0)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from nas_jax import config_lib, convert
+from nas_jax.models import layer_stack
 from nas_jax.models.bert import BertModel
 from nas_jax.models.vit import VisionTransformer
 
@@ -24,8 +25,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PATCH, SRC_RES, VIT_LAYERS, BERT_LAYERS, FUSION, VOCAB, MAX_POS = 16, 32, 2, 4, 2, 30, 12
 
 
-def tiny_config(image_size=SRC_RES):
+def tiny_config(image_size=SRC_RES, scan_layers=True):
   c = config_lib.base_config()
+  c.model.scan_layers = scan_layers
   c.model.vit.update(image_size=image_size, patch_size=PATCH, hidden_size=DV,
                      num_layers=VIT_LAYERS, num_heads=2, mlp_dim=2 * DV)
   c.model.bert.update(vocab_size=VOCAB, hidden_size=DT, num_layers=BERT_LAYERS,
@@ -150,21 +152,29 @@ def _shapes(tree):
 
 
 def _expected_shapes(config):
-  vit = jax.eval_shape(VisionTransformer(config.model.vit).init, jax.random.key(0),
-                       jnp.zeros((1, config.model.vit.image_size, config.model.vit.image_size, 3)))
+  """(ViT, BERT) parameter shapes of the modules `config` builds (its model.scan_layers layout)."""
+  scan = config.model.scan_layers
+  res = config.model.vit.image_size
+  vit = jax.eval_shape(VisionTransformer(config.model.vit, scan_layers=scan).init,
+                       jax.random.key(0), jnp.zeros((1, res, res, 3)))
   ids = jnp.zeros((1, 3), jnp.int32)
-  bert = jax.eval_shape(BertModel(config.model.bert).init, jax.random.key(0), ids, ids,
-                        jnp.zeros((1, 2, DV)))
+  bert = jax.eval_shape(BertModel(config.model.bert, scan_layers=scan).init, jax.random.key(0),
+                        ids, ids, jnp.zeros((1, 2, DV)))
   return _shapes(vit["params"]), _shapes(bert["params"])
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["stacked", "per_layer"])
 @pytest.mark.parametrize("kind", ["pretrain", "retrieval"])
-def test_albef_round_trip(kind):
+def test_albef_round_trip(kind, scan):
   sd = albef_state_dict(kind)
-  config = tiny_config(image_size=48)  # 2x2 -> 3x3 patches: the position embedding is resampled.
+  # 2x2 -> 3x3 patches: the position embedding is resampled.
+  config = tiny_config(image_size=48, scan_layers=scan)
   report = convert.Report()
   out = convert.convert_albef(sd, config, report=report)
-  params, params_m, queues = out["params"], out["params_m"], out["queues"]
+  assert ("blocks" in out["params"]["vit"]) == scan and ("blocks_0" in out["params"]["vit"]) != scan
+  # Values are checked per layer, in PyTorch's numbering.
+  params, params_m = layer_stack.unstack_layers((out["params"], out["params_m"]))
+  queues = out["queues"]
   assert report.layout == f"model_{kind}"
 
   # Every key consumed; only the position-id buffers are left over, and they are reported.
@@ -173,7 +183,7 @@ def test_albef_round_trip(kind):
   assert set(params_m) == {"vit", "bert", "vision_proj", "text_proj"}
 
   vit_shapes, bert_shapes = _expected_shapes(config)
-  for tree in (params, params_m):
+  for tree in (out["params"], out["params_m"]):
     assert _shapes(tree["vit"]) == vit_shapes
     assert _shapes(tree["bert"]) == bert_shapes  # MLM head included (fresh for retrieval).
     assert tree["vision_proj"]["kernel"].shape == (DV, E)
@@ -224,10 +234,37 @@ def test_albef_round_trip(kind):
 
   # The converted trees run in our modules.
   cfg = config.model
-  tokens = VisionTransformer(cfg.vit).apply({"params": params["vit"]}, jnp.zeros((1, 48, 48, 3)))
+  tokens = VisionTransformer(cfg.vit, scan_layers=scan).apply({"params": out["params"]["vit"]},
+                                                              jnp.zeros((1, 48, 48, 3)))
   ids = jnp.ones((1, 4), jnp.int32)
-  fused = BertModel(cfg.bert).apply({"params": params["bert"]}, ids, ids, tokens)
+  fused = BertModel(cfg.bert, scan_layers=scan).apply({"params": out["params"]["bert"]}, ids, ids,
+                                                      tokens)
   assert fused.shape == (1, 4, DT) and bool(jnp.isfinite(fused).all())
+
+
+@pytest.mark.parametrize("source", ["deit", "bert", "nas_albef:pretrain"])
+def test_stacked_and_per_layer_conversions_are_the_same_numbers(source):
+  """`model.scan_layers` only changes the layout: stacking the per-layer conversion gives the
+  stacked one exactly (layer i of a stack = PyTorch's layer i, fusion layers after the text
+  layers), and unstacking undoes it."""
+  stacked, _ = _convert(source, tiny_config(scan_layers=True))
+  per_layer, _ = _convert(source, tiny_config(scan_layers=False))
+  flat = convert._flatten(per_layer)
+  assert not any(("/blocks/" in k or "_layers/" in k) for k in flat)
+  assert any("/blocks_1/" in k or "/layer_3/" in k for k in flat)
+  for got, want in ((layer_stack.stack_layers(per_layer, tiny_config()), stacked),
+                    (layer_stack.unstack_layers(stacked), per_layer),
+                    (convert.model_layout(per_layer, tiny_config()), stacked),
+                    (convert.model_layout(stacked, tiny_config(scan_layers=False)), per_layer)):
+    got, want = convert._flatten(got), convert._flatten(want)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  if source == "bert":
+    bert, layer_3 = stacked["params"]["bert"], per_layer["params"]["bert"]["layer_3"]
+    np.testing.assert_array_equal(bert["fusion_layers"]["attention"]["query"]["kernel"][1],
+                                  layer_3["attention"]["query"]["kernel"])
+    assert bert["text_layers"]["output"]["dense"]["kernel"].shape == (FUSION, 2 * DT, DT)
 
 
 def _convert(source, config):
@@ -315,16 +352,18 @@ def test_recorded_model_config_describes_the_checkpoint():
   assert plain.model.dictionary.size == 2048  # The caller's config is not modified.
 
 
-def test_nas_albef_tree_fits_the_model_its_config_describes(tmp_path):
+@pytest.mark.parametrize("scan", [True, False], ids=["stacked", "per_layer"])
+def test_nas_albef_tree_fits_the_model_its_config_describes(tmp_path, scan):
   """Every leaf read back from disk has the path and shape of NASModel built from meta.json's
-  model_config (temp and queue_ptr 0-d, as the training state's)."""
+  model_config (temp and queue_ptr 0-d, as the training state's), in either layer layout."""
   from nas_jax.models.nas import NASModel
 
-  config = tiny_config(image_size=48)
+  config = tiny_config(image_size=48, scan_layers=scan)
   trees, report = _convert("nas_albef:pretrain", config)
   out = convert.save_converted(tmp_path / "nas", trees, report, config)
   trees = convert.load_converted(out)
   model_config = ml_collections.ConfigDict(convert.read_meta(out)["model_config"])
+  assert model_config.scan_layers == scan
   res = model_config.vit.image_size
   ids = jnp.zeros((1, 5), jnp.int32)
   variables = jax.eval_shape(NASModel(config=model_config).init, jax.random.key(0),
@@ -448,6 +487,7 @@ def test_bert_base_layout_with_fresh_cross_attention():
   report = convert.Report()
   tree = convert.convert_bert(m.sd, config, seed=7, report=report)
   assert _shapes(tree) == _expected_shapes(config)[1]
+  tree = layer_stack.unstack_layers(tree)
   assert report.initialised == [f"params/bert/layer_{i}/crossattention"
                                 for i in range(FUSION, BERT_LAYERS)]
   assert set(report.unused) == {"bert.embeddings.position_ids", "bert.pooler.dense.weight",
@@ -464,10 +504,10 @@ def test_bert_base_layout_with_fresh_cross_attention():
   np.testing.assert_array_equal(cross["output"]["LayerNorm"]["scale"], np.ones(DT))
   assert not np.array_equal(cross["query"]["kernel"], tree["layer_3"]["crossattention"]["query"]["kernel"])
   again = convert.convert_bert(m.sd, config, seed=7)
-  np.testing.assert_array_equal(again["layer_2"]["crossattention"]["query"]["kernel"],
+  np.testing.assert_array_equal(again["fusion_layers"]["crossattention"]["query"]["kernel"][0],
                                 cross["query"]["kernel"])
   other = convert.convert_bert(m.sd, config, seed=8)
-  assert not np.array_equal(other["layer_2"]["crossattention"]["query"]["kernel"],
+  assert not np.array_equal(other["fusion_layers"]["crossattention"]["query"]["kernel"][0],
                             cross["query"]["kernel"])
 
 

@@ -156,7 +156,7 @@ def test_paper_recipe_through_the_clis(tmp_path, samples_dir, minilm_dir, run_to
   g = RES // PATCH
   np.testing.assert_allclose(s1["params"]["vit"]["patch_embed"]["proj"]["kernel"],
                              deit_sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0), atol=1e-6)
-  np.testing.assert_allclose(s1["params"]["bert"]["layer_0"]["attention"]["query"]["kernel"],
+  np.testing.assert_allclose(s1["params"]["bert"]["text_layers"]["attention"]["query"]["kernel"][0],
                              bert_sd["bert.encoder.layer.0.attention.self.query.weight"].T, atol=1e-6)
   np.testing.assert_allclose(s1["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"],
                              bert_sd["bert.embeddings.word_embeddings.weight"], atol=1e-6)

@@ -2,7 +2,9 @@
 parameters over several steps as pure data parallelism (8×1), and large leaves really are split.
 
 The tiny model has no leaf of `sharding.FSDP_MIN_SIZE` (65,536) elements, so the threshold is
-lowered to 1,024 here: every matrix (and the VD codebook) is split, biases and norms are not.
+lowered to 1,024 here: every matrix (and the VD codebook) is split, biases and norms are not. The
+layer stacks ([L, ...], model.scan_layers, the default) are split as each of their layers would
+be, never along the layer axis.
 """
 
 import jax
@@ -14,6 +16,8 @@ pytestmark = pytest.mark.slow   # Three 8-device compiles of the full stage-2 st
 MIN_SIZE = 1024
 
 from step_utils import assert_params_close, build, fixed_batch, tiny_config
+
+from nas_jax.models import layer_stack
 
 
 def _config(fsdp: int):
@@ -68,7 +72,10 @@ def test_fsdp_matches_data_parallel(runs, fsdp):
   b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(s_f.params)])
   assert np.mean(np.abs(a - b) > 1e-6) < 1e-2
   # Adam moments: each leaf to 0.1% of its own largest value (gradient elements near zero carry
-  # the reduction-order rounding), attention key biases (pure rounding noise) left out.
+  # the reduction-order rounding), attention key biases (pure rounding noise) left out. The VD
+  # gate's dense layer to 1%: its two logits go through a LayerNorm over 2 values, which is ±1
+  # except near a tie, so its gradient comes from the few near-tie patches and carries their
+  # rounding (scanned layer stacks sum in yet another order: 0.2% seen, 0.05% unrolled).
   flat_dp = jax.tree_util.tree_flatten_with_path(s_dp.opt_state)[0]
   for (path, a), b in zip(flat_dp, jax.tree.leaves(s_f.opt_state)):
     name, a, b = jax.tree_util.keystr(path), np.asarray(a), np.asarray(b)
@@ -77,7 +84,8 @@ def test_fsdp_matches_data_parallel(runs, fsdp):
     if "['qkv']['bias']" in name:
       d = a.shape[-1] // 3
       a, b = a[..., np.r_[0:d, 2 * d:3 * d]], b[..., np.r_[0:d, 2 * d:3 * d]]
-    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(a), initial=0)),
+    tol = 1e-2 if "['gate_dense']" in name else 1e-3
+    np.testing.assert_allclose(b, a, rtol=tol, atol=tol * float(np.max(np.abs(a), initial=0)),
                                err_msg=name)
   np.testing.assert_allclose(s_f.batch_stats["dictionary"]["codebook"],
                              s_dp.batch_stats["dictionary"]["codebook"], rtol=1e-4, atol=1e-5)
@@ -89,14 +97,18 @@ def test_fsdp_shards_large_leaves_only(runs):
   _, state, _, specs = runs[4]
   _, _, _, specs_dp = runs[1]
   assert all("fsdp" not in tuple(s) for s in jax.tree.leaves(specs_dp, is_leaf=is_spec))
-  split = 0
+  split = stacked = 0
   for part in ("params", "params_m", "opt_state", "batch_stats"):
     leaves = jax.tree_util.tree_flatten_with_path(getattr(state, part))[0]
     for (path, leaf), spec in zip(leaves, jax.tree.leaves(getattr(specs, part), is_leaf=is_spec)):
       name = part + jax.tree_util.keystr(path)
-      big = np.size(leaf) >= MIN_SIZE and any(d % 4 == 0 for d in np.shape(leaf))
+      layer = layer_stack.layer_shape(path, np.shape(leaf))   # One layer's slice of a stack.
+      big = np.prod(layer) >= MIN_SIZE and any(d % 4 == 0 for d in layer)
       assert ("fsdp" in tuple(spec)) == big, (name, np.shape(leaf), spec)
+      if layer_stack.is_stacked(path):
+        stacked += 1
+        assert len(spec) == 0 or spec[0] is None, (name, spec)   # Never the layer axis.
       split += big
-  assert split > 50
+  assert split > 40 and stacked > 40
   assert "fsdp" in tuple(specs.batch_stats["dictionary"]["codebook"])
   assert all(tuple(s) == () for s in jax.tree.leaves(specs.queues, is_leaf=is_spec))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nas_jax import convert
+from nas_jax.models import layer_stack
 from nas_jax.models.vit import VisionTransformer, interpolate_pos_embed
 
 EMBED, DEPTH, HEADS, PATCH, SMALL, LARGE = 64, 2, 4, 16, 64, 96
@@ -67,6 +68,10 @@ def test_vit_matches_timm_at_checkpoint_resolution(run_torch):
   out = VisionTransformer(vit_config(SMALL)).apply({"params": params}, _nhwc(ref["images_small"]))
   assert out.shape == (2, 1 + (SMALL // PATCH) ** 2, EMBED)
   np.testing.assert_allclose(np.asarray(out), ref["out_small"], atol=1e-4, rtol=0)
+  # The unrolled layout (model.scan_layers=False) on the same numbers, one subtree per block.
+  unrolled = VisionTransformer(vit_config(SMALL), scan_layers=False).apply(
+      {"params": layer_stack.unstack_layers(params)}, _nhwc(ref["images_small"]))
+  np.testing.assert_allclose(np.asarray(unrolled), ref["out_small"], atol=1e-4, rtol=0)
   # The classifier head is reported, not silently dropped; nothing else is left over.
   assert set(report.unused) == {"head.weight", "head.bias"}
 
@@ -82,16 +87,21 @@ def test_vit_matches_timm_at_new_resolution_through_interpolation(run_torch):
   assert any("resampled" in n for n in report.notes)
 
 
-def test_param_names_are_timm_like():
-  params = jax.eval_shape(VisionTransformer(vit_config()).init, jax.random.key(0),
+@pytest.mark.parametrize("scan", [True, False], ids=["stacked", "per_layer"])
+def test_param_names_are_timm_like(scan):
+  """timm's names; the blocks one stack 'blocks' [DEPTH, ...] (scanned) or 'blocks_{i}'."""
+  params = jax.eval_shape(VisionTransformer(vit_config(), scan_layers=scan).init, jax.random.key(0),
                           jnp.zeros((1, SMALL, SMALL, 3)))["params"]
-  assert set(params) == {"patch_embed", "cls_token", "pos_embed", "norm",
-                         *(f"blocks_{i}" for i in range(DEPTH))}
+  blocks = ["blocks"] if scan else [f"blocks_{i}" for i in range(DEPTH)]
+  assert set(params) == {"patch_embed", "cls_token", "pos_embed", "norm", *blocks}
   assert params["patch_embed"]["proj"]["kernel"].shape == (PATCH, PATCH, 3, EMBED)
   assert params["pos_embed"].shape == (1, 1 + (SMALL // PATCH) ** 2, EMBED)
-  assert set(params["blocks_0"]) == {"norm1", "attn", "norm2", "mlp"}
-  assert set(params["blocks_0"]["attn"]) == {"qkv", "proj"}
-  assert params["blocks_0"]["attn"]["qkv"]["kernel"].shape == (EMBED, 3 * EMBED)
+  block = params[blocks[0]]
+  layers = (DEPTH,) if scan else ()
+  assert set(block) == {"norm1", "attn", "norm2", "mlp"}
+  assert set(block["attn"]) == {"qkv", "proj"}
+  assert block["attn"]["qkv"]["kernel"].shape == layers + (EMBED, 3 * EMBED)
+  assert block["norm1"]["scale"].shape == layers + (EMBED,)
 
 
 def test_wrong_image_size_is_a_clear_error():
@@ -156,6 +166,26 @@ def test_remat_gives_the_same_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4,
                                                        rtol=1e-4), plain, remat)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain)) > 1e-3  # Non-trivial.
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_and_unrolled_blocks_give_the_same_outputs_and_gradients(remat):
+  """model.scan_layers is a layout switch: the scanned stack and the unrolled blocks compute the
+  same function (float32, to 1e-5) and the same gradients, layer by layer."""
+  cfg = vit_config()
+  params, images = _init_small()
+  per_layer = layer_stack.unstack_layers(params)
+  model = lambda scan: VisionTransformer(cfg, remat=remat, scan_layers=scan)
+  np.testing.assert_allclose(np.asarray(model(False).apply(per_layer, images)),
+                             np.asarray(model(True).apply(params, images)), atol=1e-5, rtol=0)
+  loss = lambda scan: lambda p: jnp.sum(model(scan).apply(p, images) ** 2)
+  stacked_grads = layer_stack.unstack_layers(jax.grad(loss(True))(params))
+  grads = jax.grad(loss(False))(per_layer)
+  assert jax.tree.structure(grads) == jax.tree.structure(stacked_grads)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+  assert scale > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5 * scale), grads, stacked_grads)
 
 
 def test_tanh_gelu_switch_is_close_to_exact_and_checked():

@@ -10,6 +10,9 @@ Post-norm layers exactly as HF/ALBEF's `BertLayer`: each sub-block is
 `LayerNorm(x + Dropout(Dense(sub(x))))`. Dropout (`hidden_dropout`, and `attention_dropout` on the
 attention probabilities) is active only with `train=True` and draws from the 'dropout' rng stream.
 Parameter names follow the HF checkpoint layout so conversion is a rename (`nas_jax/convert.py`).
+The text and fusion layers run as two scanned stacks, 'text_layers' and 'fusion_layers' with a
+leading layer axis (`scan_layers`, the default), or unrolled as HF's 'layer_{i}'
+(models/layer_stack.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nas_jax.models import layer_stack
 from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
 
@@ -101,6 +105,13 @@ class BertLayer(nn.Module):
     return self.output(self.intermediate(x), x, deterministic)
 
 
+class ScanLayer(BertLayer):
+  """`BertLayer` as the body of a scanned stack: returns (hidden, None)."""
+
+  def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True):
+    return super().__call__(hidden, mask, image_tokens, image_mask, deterministic), None
+
+
 class BertEmbeddings(nn.Module):
   """word + position + token_type(0) → LayerNorm → Dropout."""
   config: ml_collections.ConfigDict
@@ -177,6 +188,9 @@ class BertModel(nn.Module):
     dtype: compute dtype; params, LayerNorms, softmax and MLM logits stay float32.
     attention: 'xla' or 'cudnn' (see models/attention.py; cuDNN has no attention dropout).
     remat: rematerialise each layer in the backward pass.
+    scan_layers: text layers and fusion layers as two scanned stacks, params 'text_layers' and
+      'fusion_layers' [n, ...] (`model.scan_layers`), else unrolled, params 'layer_{i}'
+      (models/layer_stack.py). Same function either way; dropout masks differ (rngs per layer).
 
   Masks are int/bool [B, L] with 1 on real tokens. Hidden states returned are float32.
   """
@@ -184,6 +198,7 @@ class BertModel(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: bool = False
+  scan_layers: bool = True
 
   def setup(self):
     c = self.config
@@ -191,14 +206,39 @@ class BertModel(nn.Module):
       raise ValueError(f"bert.fusion_layer={c.fusion_layer} must lie in [0, num_layers="
                        f"{c.num_layers}]")
     self.embeddings = BertEmbeddings(c, dtype=self.dtype)
-    layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
-    self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
-                        attention=self.attention) for i in range(c.num_layers)]
+    if self.scan_layers:
+      def stack(count: int, cross: bool):
+        # `deterministic` (argument 5, counting self) is static under remat: it selects dropout.
+        scanned = layer_stack.scanned(ScanLayer, count, remat=self.remat, static_argnums=(5,))
+        return scanned(c, cross_attention=cross, dtype=self.dtype, attention=self.attention)
+
+      if c.fusion_layer > 0:
+        self.text_layers = stack(c.fusion_layer, False)
+      if c.num_layers > c.fusion_layer:
+        self.fusion_layers = stack(c.num_layers - c.fusion_layer, True)
+    else:
+      layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
+      self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
+                          attention=self.attention) for i in range(c.num_layers)]
     self.cls = MLMHead(c, dtype=self.dtype)
 
   def embed(self, ids: jax.Array, *, train: bool = False) -> jax.Array:
     """ids int [B, L] → [B, L, D] embeddings (after LayerNorm and dropout)."""
     return self.embeddings(ids, deterministic=not train)
+
+  def _layers(self, fusion: bool, x, mask, image_tokens, image_mask, deterministic: bool):
+    """The text (fusion=False) or fusion layers on x [B, L, D]; an empty stack returns x."""
+    c = self.config
+    if self.scan_layers:
+      count = c.num_layers - c.fusion_layer if fusion else c.fusion_layer
+      if count:
+        stack = self.fusion_layers if fusion else self.text_layers
+        x, _ = stack(x, mask, image_tokens, image_mask, deterministic)
+      return x
+    for layer in (self.layer[c.fusion_layer:] if fusion else self.layer[:c.fusion_layer]):
+      # Every argument positional: remat's static_argnums.
+      x = layer(x, mask, image_tokens, image_mask, deterministic)
+    return x
 
   def _even_length(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cuDNN attention needs even lengths: pad [B, L, D] and its mask [B, L] by one masked row
@@ -212,8 +252,7 @@ class BertModel(nn.Module):
     """Text encoder: ids, mask [B, L] → [B, L, D] after layer fusion_layer − 1 (t_cls = [:, 0])."""
     length = ids.shape[1]
     x, mask = self._even_length(self.embed(ids, train=train), mask)
-    for layer in self.layer[:self.config.fusion_layer]:
-      x = layer(x, mask, None, None, not train)  # all args: remat's static_argnums
+    x = self._layers(False, x, mask, None, None, not train)
     return x[:, :length]
 
   def fuse(self, hidden: jax.Array, mask: jax.Array, image_tokens: jax.Array,
@@ -240,8 +279,7 @@ class BertModel(nn.Module):
       if image_mask is None:
         image_mask = jnp.ones((rows, image_tokens.shape[1]), jnp.int32)
       image_tokens, image_mask = self._even_length(image_tokens, image_mask)
-    for layer in self.layer[self.config.fusion_layer:]:
-      x = layer(x, mask, image_tokens, image_mask, not train)
+    x = self._layers(True, x, mask, image_tokens, image_mask, not train)
     return x[:, :length]
 
   def mlm_logits(self, hidden: jax.Array) -> jax.Array:

@@ -53,9 +53,10 @@ class NASModel(nn.Module):
   def setup(self):
     c = self.config
     dtype = compute_dtype(c.dtype)
-    self.vit = VisionTransformer(config=c.vit, dtype=dtype, remat=c.remat,
+    scan = c.get("scan_layers", True)  # Absent from configs saved before the switch existed.
+    self.vit = VisionTransformer(config=c.vit, dtype=dtype, remat=c.remat, scan_layers=scan,
                                  attention=resolve_implementation(c.vit_attention or c.attention, dtype))
-    self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat,
+    self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat, scan_layers=scan,
                           attention=resolve_implementation(c.attention, dtype))
     self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)

@@ -5,8 +5,10 @@ embedding → pre-norm blocks (LN → MHSA with qkv bias → residual; LN → ML
 residual) → final LayerNorm (eps 1e-6). No dropout or drop-path: ALBEF pretrains with rates 0.
 
 Parameter names follow timm, so converting a DeiT / ALBEF checkpoint is a rename
-(`nas_jax/convert.py`). `interpolate_pos_embed` resamples the position embedding to another
-resolution with the same numbers as ALBEF's (PyTorch bicubic, align_corners=False).
+(`nas_jax/convert.py`); the blocks run as one scanned stack 'blocks' with a leading layer axis
+(`scan_layers`, the default) or unrolled as timm's 'blocks_{i}' (models/layer_stack.py).
+`interpolate_pos_embed` resamples the position embedding to another resolution with the same
+numbers as ALBEF's (PyTorch bicubic, align_corners=False).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nas_jax.models import layer_stack
 from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
 
@@ -87,6 +90,13 @@ class Block(nn.Module):
     return x + self.mlp(self.norm2(x))
 
 
+class ScanBlock(Block):
+  """`Block` as the body of the scanned stack: returns (x, None)."""
+
+  def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None):
+    return super().__call__(x, key_lengths), None
+
+
 class VisionTransformer(nn.Module):
   """ViT image encoder.
 
@@ -97,11 +107,14 @@ class VisionTransformer(nn.Module):
     attention: 'xla' or 'cudnn'. With 'cudnn' the 1+N tokens are padded to an even length before the
       blocks (the kernel's backward rejects odd lengths), masked as keys, and removed at the end.
     remat: rematerialise each block in the backward pass.
+    scan_layers: the blocks as one scanned stack, params 'blocks' [L, ...] (`model.scan_layers`),
+      else unrolled, params 'blocks_{i}' (models/layer_stack.py). Same function either way.
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: bool = False
+  scan_layers: bool = True
 
   def setup(self):
     c = self.config
@@ -113,9 +126,13 @@ class VisionTransformer(nn.Module):
     self.patch_embed = PatchEmbed(c.patch_size, c.hidden_size, dtype=self.dtype, init_std=std)
     self.cls_token = self.param("cls_token", _trunc_normal(std), (1, 1, c.hidden_size))
     self.pos_embed = self.param("pos_embed", _trunc_normal(std), (1, 1 + self.num_patches, c.hidden_size))
-    block = nn.remat(Block) if self.remat else Block
-    self.blocks = [block(c, dtype=self.dtype, attention=self.attention)
-                   for _ in range(c.num_layers)]
+    if self.scan_layers:
+      stack = layer_stack.scanned(ScanBlock, c.num_layers, remat=self.remat)
+      self.blocks = stack(c, dtype=self.dtype, attention=self.attention)
+    else:
+      block = nn.remat(Block) if self.remat else Block
+      self.blocks = [block(c, dtype=self.dtype, attention=self.attention)
+                     for _ in range(c.num_layers)]
     self.norm = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=jnp.float32)
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -142,8 +159,11 @@ class VisionTransformer(nn.Module):
     if self.attention == "cudnn" and tokens % 2:
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
       key_lengths = jnp.full((batch,), tokens, jnp.int32)
-    for blk in self.blocks:
-      x = blk(x, key_lengths)
+    if self.scan_layers:
+      x, _ = self.blocks(x, key_lengths)
+    else:
+      for blk in self.blocks:
+        x = blk(x, key_lengths)
     return self.norm(x[:, :tokens])
 
 
