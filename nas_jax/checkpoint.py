@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nas_jax import config_lib
+from nas_jax.models.layer_stack import to_layout
 
 log = logging.getLogger("nas_jax.checkpoint")
 
@@ -52,14 +53,18 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
-  """Raises a one-line error naming the keys whose values change parameter shapes (keys the
-  checkpoint does not have, from an older version, are not compared)."""
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str,
+                     ignore: tuple[str, ...] = ()) -> None:
+  """Raises a one-line error naming the keys whose values change parameter shapes (other keys the
+  checkpoint does not have, from an older version, are not compared; one without
+  `model.scan_layers` has the unrolled layout, as the versions before it)."""
   now = config_lib.flat_config(config_to_dict(config))
   old = config_lib.flat_config(saved)
+  old.setdefault("model.scan_layers", False)
   diffs = []
   for key in sorted(set(now) & set(old)):
-    if not any(key == s or key.startswith(s + ".") for s in SHAPE_KEYS) or key in NOT_SHAPE_KEYS:
+    if (not any(key == s or key.startswith(s + ".") for s in SHAPE_KEYS) or key in NOT_SHAPE_KEYS
+        or key in ignore):
       continue
     if now[key] != old[key]:
       diffs.append(f"{key}: checkpoint {old[key]!r} vs config {now[key]!r}")
@@ -447,15 +452,16 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None):
       check_compatible(model_only, config, path)
     tree = convert.load_converted(path)
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, device), t)
-    return config or saved, put(tree["params"]), put(tree.get("batch_stats", {}))
+    config = config or saved
+    return config, put(to_layout(tree["params"], config)), put(tree.get("batch_stats", {}))
   saved = saved_config(path)
   if config is None:
     config = ml_collections.ConfigDict(saved)
-  else:
-    check_compatible(saved, config, path)
+  else:   # The layer layout may differ: the parameters are brought to the config's below.
+    check_compatible(saved, config, path, ignore=("model.scan_layers",))
   meta = state_metadata(path)
   target = {part: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                meta[part])
             for part in ("params", "batch_stats") if meta.get(part)}
   restored = restore_parts(path, target)
-  return config, restored["params"], restored.get("batch_stats", {}) or {}
+  return config, to_layout(restored["params"], config), restored.get("batch_stats", {}) or {}

@@ -16,7 +16,9 @@ What crosses:
   | a converted ALBEF/NAS_ALBEF | yes    | yes               | NAS_ALBEF   | yes (id queue reset) | no: fresh           |
   | converted DeiT / BERT       | its encoder | = params (ALBEF's copy_params) | no | no    | no: fresh             |
 
-Parameters the source lacks keep their fresh initialisation (e.g. the VD of a NAS run started from
+The source's layer stacks are brought to this model's layout (`model.scan_layers`: stacked or one
+subtree per layer; `models/layer_stack.to_layout`). Parameters the source lacks keep their fresh
+initialisation (e.g. the VD of a NAS run started from
 ALBEF weights; BERT's cross-attention) and are listed in the log. The ViT position embedding is
 resampled bicubically, as ALBEF's `interpolate_pos_embed`, when the source's resolution differs
 from `model.vit.image_size` (the paper's 384-px fine-tuning from 256-px pre-training). The id queue
@@ -39,6 +41,7 @@ from flax import traverse_util
 
 from nas_jax import checkpoint as ckpt_lib
 from nas_jax import run_plan
+from nas_jax.models.layer_stack import to_layout
 from nas_jax.models.vit import interpolate_pos_embed
 
 log = logging.getLogger("nas_jax.warm_start")
@@ -150,13 +153,14 @@ def merge_queues(queues: dict, source: Mapping, what: str, notes: list[str], *,
 
 
 # ------------------------------------------------------------------------------------ sources
-def _from_converted(path: str, state, notes: list[str]):
+def _from_converted(path: str, state, config, notes: list[str]):
   from nas_jax import convert
   tree = convert.load_converted(path)
-  params = merge_tree(state.params, tree.get("params", {}), path, notes)
+  params = merge_tree(state.params, to_layout(tree.get("params", {}), config), path, notes)
   params_m = state.params_m
   if "params_m" in tree:
-    params_m = merge_tree(state.params_m, tree["params_m"], path + " (momentum)", notes)
+    params_m = merge_tree(state.params_m, to_layout(tree["params_m"], config),
+                          path + " (momentum)", notes)
   batch_stats = state.batch_stats
   if tree.get("batch_stats") and state.batch_stats:
     batch_stats = merge_tree(state.batch_stats, tree["batch_stats"], path + " (VD)", notes)
@@ -171,14 +175,14 @@ def _from_converted(path: str, state, notes: list[str]):
       "params_m" in tree
 
 
-def _from_run(path: str, state, abstract_state, notes: list[str]):
+def _from_run(path: str, state, abstract_state, config, notes: list[str]):
   meta = ckpt_lib.state_metadata(path)
   replicated = abstract_state.step.sharding
   wanted = {"params": abstract_state.params, "params_m": abstract_state.params_m,
             "batch_stats": abstract_state.batch_stats, "queues": abstract_state.queues}
 
   def target(part):
-    """Shapes as saved; the model's sharding where the shape agrees, else replicated."""
+    """Shapes as saved; the model's sharding where the path and shape agree, else replicated."""
     want = traverse_util.flatten_dict(dict(wanted[part]), sep="/") if wanted[part] else {}
     flat = traverse_util.flatten_dict(dict(meta[part]), sep="/")
     return traverse_util.unflatten_dict({
@@ -188,8 +192,9 @@ def _from_run(path: str, state, abstract_state, notes: list[str]):
 
   parts = [p for p in wanted if meta.get(p)]
   restored = ckpt_lib.restore_parts(path, {p: target(p) for p in parts})
-  params = merge_tree(state.params, restored["params"], path, notes)
-  params_m = merge_tree(state.params_m, restored.get("params_m", {}), path + " (momentum)", notes)
+  params = merge_tree(state.params, to_layout(restored["params"], config), path, notes)
+  params_m = merge_tree(state.params_m, to_layout(restored.get("params_m", {}), config),
+                        path + " (momentum)", notes)
   batch_stats = state.batch_stats
   if restored.get("batch_stats") and state.batch_stats:
     batch_stats = merge_tree(state.batch_stats, restored["batch_stats"], path + " (VD)", notes)
@@ -219,10 +224,10 @@ def warm_start(config: ml_collections.ConfigDict, state, abstract_state):
     raise ValueError(f"config.init_from={config.init_from!r}: a training run ({runs[0]}) cannot be "
                      "combined with other sources; pass it alone")
   if runs:
-    return _from_run(runs[0], state, abstract_state, notes), notes
+    return _from_run(runs[0], state, abstract_state, config, notes), notes
   has_momentum = False
   for p in paths:
-    state, m = _from_converted(p, state, notes)
+    state, m = _from_converted(p, state, config, notes)
     has_momentum |= m
   if not has_momentum:  # ALBEF's copy_params: the momentum encoders start as the online ones.
     state = state.replace(params_m=jax.tree.map(
