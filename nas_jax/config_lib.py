@@ -110,9 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vit_attention = ''         # Override for the ViT only ('' = model.attention); the
                                      # ViT has no dropout, so 'auto' there changes nothing but speed.
   c.model.remat = False              # Rematerialise each transformer layer.
-  c.model.scan_layers = True         # Each layer stack (ViT blocks, BERT text / fusion layers) as
-                                     # one nn.scan over stacked params; False: unrolled (same
-                                     # function; models/layer_stack.py, docs/PERF.md).
+  c.model.scan_layers = False        # True: each layer stack (ViT blocks, BERT text / fusion
+                                     # layers) as one nn.scan over stacked params: compiles ~4x
+                                     # faster, but trains ~23% slower on an H200 (docs/PERF.md).
 
   # ---------------------------------------------------------------- objectives
   c.itc = ml_collections.ConfigDict(dict(

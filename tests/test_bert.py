@@ -124,13 +124,14 @@ _INIT = {}
 
 
 def _init(cfg, **kw):
-  """(model, variables, inputs) for a tiny config; initialised once per config (scanned, and
-  unstacked for `scan_layers=False`)."""
+  """(model, variables, inputs) for a tiny config; initialised once per config (scanned, unstacked
+  for the default `scan_layers=False`)."""
   ids, mask, image, _ = _tiny_inputs()
   key = json.dumps(cfg.to_dict(), sort_keys=True)
   if key not in _INIT:
-    _INIT[key] = BertModel(cfg).init(jax.random.key(0), ids, mask, image)
-  variables = _INIT[key] if kw.get("scan_layers", True) else layer_stack.unstack_layers(_INIT[key])
+    _INIT[key] = BertModel(cfg, scan_layers=True).init(jax.random.key(0), ids, mask, image)
+  scan = kw.get("scan_layers", False)   # The default layout: unrolled.
+  variables = _INIT[key] if scan else layer_stack.unstack_layers(_INIT[key])
   return BertModel(cfg, **kw), variables, (ids, mask, image)
 
 
@@ -223,7 +224,7 @@ def test_scanned_and_unrolled_layers_give_the_same_outputs_and_gradients(remat):
   """model.scan_layers is a layout switch: text + fusion + MLM head scanned or unrolled compute the
   same function (float32, dropout off, to 1e-5) and the same gradients, layer by layer."""
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
-  _, params, (ids, mask, image) = _init(cfg)
+  _, params, (ids, mask, image) = _init(cfg, scan_layers=True)
   _, _, _, image_mask = _tiny_inputs()
   per_layer = layer_stack.unstack_layers(params)
   run = lambda m, i, t, v, vm: m.mlm_logits(m.fuse(m.text(i, t, train=True), t, v, vm, train=True))
@@ -247,7 +248,7 @@ def test_an_empty_stack_is_left_out(fusion_layer):
   """fusion_layer = 0 (all fusion) or = num_layers (a plain text BERT, as minilm): one stack only;
   the empty side returns its input, and the two layouts agree."""
   cfg = tiny_config(fusion_layer=fusion_layer)
-  model, params, (ids, mask, image) = _init(cfg)
+  model, params, (ids, mask, image) = _init(cfg, scan_layers=True)
   present = "fusion_layers" if fusion_layer == 0 else "text_layers"
   assert set(params["params"]) == {"embeddings", "cls", present}
   embedded = model.apply(params, ids, method="embed")

@@ -106,7 +106,8 @@ def test_bad_trees_are_errors_naming_what_to_do():
     layer_stack.stack_layers(per_layer["bert"], tiny_config(**{"model.bert.fusion_layer": 2}))
   with pytest.raises(ValueError, match="both 'blocks' and per-layer"):
     layer_stack.stack_layers(dict(per_layer["vit"], blocks={}))
-  assert layer_stack.scan_enabled(config) and layer_stack.scan_enabled(config.model.vit)
+  # The default layout is unrolled; a bare encoder section (no scan_layers key) too.
+  assert not layer_stack.scan_enabled(config) and not layer_stack.scan_enabled(config.model.vit)
 
 
 def test_decay_and_adamw_treat_a_stack_as_its_layers():
@@ -185,7 +186,7 @@ def test_the_train_step_is_the_same_in_both_layouts():
           "optim.warmup_steps": 1, "total_steps": 20, "model.bert.hidden_dropout": 0.0,
           "model.bert.attention_dropout": 0.0}
   c_unrolled = tiny_config(**over, **{"model.scan_layers": False})
-  c_scanned = tiny_config(**over)
+  c_scanned = tiny_config(**over, **{"model.scan_layers": True})
   batch = fixed_batch(c_unrolled)
   _, _, _, unrolled, step_unrolled = build(c_unrolled)
   _, _, _, fresh, step_scanned = build(c_scanned)

@@ -173,8 +173,8 @@ def test_scanned_and_unrolled_blocks_give_the_same_outputs_and_gradients(remat):
   """model.scan_layers is a layout switch: the scanned stack and the unrolled blocks compute the
   same function (float32, to 1e-5) and the same gradients, layer by layer."""
   cfg = vit_config()
-  params, images = _init_small()
-  per_layer = layer_stack.unstack_layers(params)
+  per_layer, images = _init_small()
+  params = layer_stack.stack_layers(per_layer)
   model = lambda scan: VisionTransformer(cfg, remat=remat, scan_layers=scan)
   np.testing.assert_allclose(np.asarray(model(False).apply(per_layer, images)),
                              np.asarray(model(True).apply(params, images)), atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ Post-norm layers exactly as HF/ALBEF's `BertLayer`: each sub-block is
 attention probabilities) is active only with `train=True` and draws from the 'dropout' rng stream.
 Parameter names follow the HF checkpoint layout so conversion is a rename (`nas_jax/convert.py`).
 The text and fusion layers run as two scanned stacks, 'text_layers' and 'fusion_layers' with a
-leading layer axis (`scan_layers`, the default), or unrolled as HF's 'layer_{i}'
+leading layer axis (`scan_layers`), or unrolled as HF's 'layer_{i}' (the default)
 (models/layer_stack.py).
 """
 
@@ -198,7 +198,7 @@ class BertModel(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: bool = False
-  scan_layers: bool = True
+  scan_layers: bool = False
 
   def setup(self):
     c = self.config

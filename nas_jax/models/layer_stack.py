@@ -1,13 +1,14 @@
 """Layer stacks: the ViT blocks and BERT's text and fusion layers, scanned or unrolled.
 
-With `model.scan_layers=True` (the default) each of the three stacks is one `nn.scan` over its layer
+With `model.scan_layers=True` each of the three stacks is one `nn.scan` over its layer
 module, and every parameter of the stack carries a leading layer axis:
 
   vit/blocks/...          [Lv, ...]       timm's blocks.{i}
   bert/text_layers/...    [F, ...]        HF's encoder.layer.{i}, i < F = bert.fusion_layer
   bert/fusion_layers/...  [Lb - F, ...]   encoder.layer.{i}, i >= F (these have crossattention)
 
-With `model.scan_layers=False` the layers are unrolled, one subtree per layer: `vit/blocks_{i}` and
+With `model.scan_layers=False` (the default: it trains faster on a GPU, docs/PERF.md) the layers are
+unrolled, one subtree per layer: `vit/blocks_{i}` and
 `bert/layer_{i}` (i counts text and fusion layers together, as HF does). Both layouts compute the
 same function from the same numbers. Scanned, the train state holds tens of arrays instead of
 ~2,000 (fewer host dispatches, and AdamW, the momentum EMA and the gradient norm run as a few large
@@ -68,10 +69,10 @@ def _model_section(config):
 
 
 def scan_enabled(config) -> bool:
-  """`model.scan_layers` of a full config or its model section (True when absent: bare encoder
-  sections and configs written before the switch existed get the default layout)."""
+  """`model.scan_layers` of a full config or its model section (False when absent: bare encoder
+  sections and configs written before the switch existed get the default, unrolled layout)."""
   model = _model_section(config)
-  return bool(model.get("scan_layers", True)) if model is not None else True
+  return bool(model.get("scan_layers", False)) if model is not None else False
 
 
 def _bert_section(config):

@@ -53,7 +53,7 @@ class NASModel(nn.Module):
   def setup(self):
     c = self.config
     dtype = compute_dtype(c.dtype)
-    scan = c.get("scan_layers", True)  # Absent from configs saved before the switch existed.
+    scan = c.get("scan_layers", False)  # Absent from configs saved before the switch: unrolled.
     self.vit = VisionTransformer(config=c.vit, dtype=dtype, remat=c.remat, scan_layers=scan,
                                  attention=resolve_implementation(c.vit_attention or c.attention, dtype))
     self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat, scan_layers=scan,

@@ -6,7 +6,7 @@ residual) → final LayerNorm (eps 1e-6). No dropout or drop-path: ALBEF pretrai
 
 Parameter names follow timm, so converting a DeiT / ALBEF checkpoint is a rename
 (`nas_jax/convert.py`); the blocks run as one scanned stack 'blocks' with a leading layer axis
-(`scan_layers`, the default) or unrolled as timm's 'blocks_{i}' (models/layer_stack.py).
+(`scan_layers`) or unrolled as timm's 'blocks_{i}' (the default) (models/layer_stack.py).
 `interpolate_pos_embed` resamples the position embedding to another resolution with the same
 numbers as ALBEF's (PyTorch bicubic, align_corners=False).
 """
@@ -114,7 +114,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: bool = False
-  scan_layers: bool = True
+  scan_layers: bool = False
 
   def setup(self):
     c = self.config
