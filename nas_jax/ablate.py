@@ -332,8 +332,8 @@ def _write_timing(job: Job, seconds: float, rc: int) -> None:
 # ------------------------------------------------------------------------------------------ read
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The training rows of a run's metrics.jsonl (evaluation rows left out), by step; for a step
-  logged twice (a resumed run), the last row."""
+  """The training rows of a run's metrics.jsonl (those with a loss: evaluation and checkpoint
+  rows left out), by step; for a step logged twice (a resumed run), the last row."""
   path = os.path.join(workdir, 'metrics.jsonl')
   rows: dict[int, dict] = {}
   if os.path.isfile(path):
@@ -343,9 +343,8 @@ def read_metrics(workdir: str) -> list[dict]:
         if not line:
           continue
         row = json.loads(line)
-        if any(k.startswith('eval/') for k in row):
-          continue
-        rows[int(row['step'])] = row
+        if 'loss' in row:
+          rows[int(row['step'])] = row
   return [rows[s] for s in sorted(rows)]
 
 

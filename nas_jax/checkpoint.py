@@ -95,7 +95,9 @@ def _one_line(text: str, limit: int = 300) -> str:
 def check_step_files(step_dir: str, items: tuple[str, ...]) -> str | None:
   """Cheap integrity checks of one step folder before orbax reads it: None, or what is wrong,
   naming the file (relative to `step_dir`). Checks that the folder is not empty, that each of
-  `items` is there, and that every JSON file orbax and grain wrote parses."""
+  `items` is there, that every JSON file orbax and grain wrote parses, and that every OCDBT
+  manifest has its header (a damaged manifest handed to tensorstore can take the process down
+  from one of its threads instead of raising)."""
   if not os.path.isdir(step_dir) or not os.listdir(step_dir):
     return "the folder is empty"
   for item in items:
@@ -110,6 +112,30 @@ def check_step_files(step_dir: str, items: tuple[str, ...]) -> str | None:
         json.load(f)
     except (OSError, ValueError) as e:
       return f"{rel}: not readable JSON ({_one_line(e, 120)})"
+  for item in items:
+    for root, _, names in sorted(os.walk(os.path.join(step_dir, item))):
+      if "manifest.ocdbt" in names:
+        path = os.path.join(root, "manifest.ocdbt")
+        problem = _ocdbt_manifest_problem(path)
+        if problem:
+          return f"{os.path.relpath(path, step_dir)}: {problem}"
+  return None
+
+
+_OCDBT_MAGIC = bytes.fromhex("0cdb3a2a")
+
+
+def _ocdbt_manifest_problem(path: str) -> str | None:
+  """What is wrong with an OCDBT manifest's header (magic number, then its own length as a
+  little-endian uint64), or None."""
+  with open(path, "rb") as f:
+    head = f.read(12)
+  size = os.path.getsize(path)
+  if len(head) < 12 or head[:4] != _OCDBT_MAGIC:
+    return "not an OCDBT manifest (bad header)"
+  declared = int.from_bytes(head[4:12], "little")
+  if declared != size:
+    return f"truncated or padded OCDBT manifest ({size} bytes, its header says {declared})"
   return None
 
 

@@ -98,13 +98,16 @@ def _fake_run(job, eval_metrics, rows, step=None):
 
 def test_report_numbers_from_the_runs_files(tmp_path):
   """Hand-made eval.json / metrics.jsonl of the tiny plan with 2 seeds: means, sample stds, the
-  health tail, a resumed run's repeated step, '—' for metrics a run did not log."""
+  health tail, a resumed run's repeated step, evaluation and checkpoint rows skipped, '—' for
+  metrics a run did not log."""
   jobs, rows = ablate.make_jobs(CONFIG, True, 2, str(tmp_path))
   for key, job in jobs.items():
     base = 60.0 if job.run == 'ntva' else 50.0
-    metrics = [{'step': s, 'vd_used_codes': 10.0 + s, 'itm_acc': 0.5} for s in range(1, 11)]
-    metrics.insert(5, {'step': 9, 'vd_used_codes': 999.0})          # Overwritten on resume.
-    metrics.append({'step': 10, 'eval/attribute': 1.0})              # Evaluation rows skipped.
+    metrics = [{'step': s, 'loss': 1.0, 'vd_used_codes': 10.0 + s, 'itm_acc': 0.5}
+               for s in range(1, 11)]
+    metrics.insert(5, {'step': 9, 'loss': 1.0, 'vd_used_codes': 999.0})   # Overwritten on resume.
+    metrics.append({'step': 10, 'eval/attribute': 1.0})                   # Evaluation row.
+    metrics.append({'step': 10, 'checkpoint_save_s': 0.5})                # Checkpoint row.
     if job.run == 'ntva':
       for m in metrics:
         m.setdefault('itm_acc_nva', 0.25)

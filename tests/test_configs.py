@@ -13,6 +13,10 @@ from step_utils import ROOT
 def test_every_config_variant_loads(spec):
   c = config_lib.load_config_file(str(ROOT / "configs" / spec))
   assert c.data.batch_size > 0 and c.model.vit.image_size == c.data.image_size
+  if c.continue_schedule:   # Stage 2 continues a run: the user names it, as the README says.
+    with pytest.raises(config_lib.ConfigError, match=r"continue_schedule=True: .*--config.init_from"):
+      config_lib.validate(c)
+    c.init_from = "runs/stage1"
   config_lib.validate(c)   # Every shipped variant passes the start-up checks.
 
 

@@ -319,10 +319,12 @@ class _Rows:
 def test_progress_log_rates_exclude_startup():
   """The first row has startup_s (start-up + compile) and no throughput; later rates, and the
   bar's clock, start when the first step has completed."""
-  from nas_jax import train
+  from nas_jax import run_plan, train
   clock = iter([100.0, 101.0, 103.0])
   rows = _Rows()
-  p = train.ProgressLog(rows, total=10, start=4, batch_size=8, log_every=2, desc="t",
+  plan = run_plan.RunPlan(first_step=0, last_step=10, steps_per_epoch=10, alpha_warmup_steps=0,
+                          lr=1e-4, min_lr=1e-5, warmup_steps=1, schedule_steps=10)
+  p = train.ProgressLog(rows, plan=plan, start=4, batch_size=8, log_every=2, desc="t",
                         t_start=10.0, enabled=False)
   p.clock = lambda: next(clock)
   m = {"loss": 1.0, "itm_acc": 0.5}

@@ -3,8 +3,9 @@ parameters over several steps as pure data parallelism (8×1), and large leaves 
 
 The tiny model has no leaf of `sharding.FSDP_MIN_SIZE` (65,536) elements, so the threshold is
 lowered to 1,024 here: every matrix (and the VD codebook) is split, biases and norms are not. The
-layer stacks ([L, ...], model.scan_layers, the default) are split as each of their layers would
-be, never along the layer axis.
+steps run with scanned layer stacks ([L, ...], model.scan_layers=True), the harder layout: a stack
+is split as each of its layers would be, never along the layer axis. The sharding rules of the
+default unrolled layout are checked on the abstract state (no compile).
 """
 
 import jax
@@ -20,11 +21,11 @@ from step_utils import assert_params_close, build, fixed_batch, tiny_config
 from nas_jax.models import layer_stack
 
 
-def _config(fsdp: int):
+def _config(fsdp: int, scan_layers: bool = True):
   # Stage 2 (VD + NVA + text negatives): every pair group and both VD paths are exercised.
   return tiny_config(**{"mesh.fsdp": fsdp, "nva.enabled": True, "itm.text_negatives": True,
                         "optim.lr": 1e-3, "optim.warmup_steps": 1, "total_steps": 20,
-                        "itm.hard_negative_groups": 8})
+                        "itm.hard_negative_groups": 8, "model.scan_layers": scan_layers})
 
 
 def _run(fsdp: int, batch, steps: int = 3):
@@ -92,11 +93,10 @@ def test_fsdp_matches_data_parallel(runs, fsdp):
   np.testing.assert_allclose(s_f.queues["image"], s_dp.queues["image"], rtol=1e-4, atol=1e-5)
 
 
-def test_fsdp_shards_large_leaves_only(runs):
+def _assert_large_leaves_split(state, specs) -> tuple[int, int]:
+  """Every leaf whose one-layer slice is large is split over fsdp, no other; a stack never along
+  its layer axis; queues replicated. Returns (leaves split, stacked leaves)."""
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-  _, state, _, specs = runs[4]
-  _, _, _, specs_dp = runs[1]
-  assert all("fsdp" not in tuple(s) for s in jax.tree.leaves(specs_dp, is_leaf=is_spec))
   split = stacked = 0
   for part in ("params", "params_m", "opt_state", "batch_stats"):
     leaves = jax.tree_util.tree_flatten_with_path(getattr(state, part))[0]
@@ -109,6 +109,28 @@ def test_fsdp_shards_large_leaves_only(runs):
         stacked += 1
         assert len(spec) == 0 or spec[0] is None, (name, spec)   # Never the layer axis.
       split += big
-  assert split > 40 and stacked > 40
   assert "fsdp" in tuple(specs.batch_stats["dictionary"]["codebook"])
   assert all(tuple(s) == () for s in jax.tree.leaves(specs.queues, is_leaf=is_spec))
+  return split, stacked
+
+
+def test_fsdp_shards_large_leaves_only(runs):
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  _, state, _, specs = runs[4]
+  _, _, _, specs_dp = runs[1]
+  assert all("fsdp" not in tuple(s) for s in jax.tree.leaves(specs_dp, is_leaf=is_spec))
+  split, stacked = _assert_large_leaves_split(state, specs)
+  assert split > 40 and stacked > 40
+
+
+def test_fsdp_rules_of_the_unrolled_layout():
+  from nas_jax import sharding
+  c = _config(4, scan_layers=False)
+  _, _, _, state, _ = build(c, num_groups=8)
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:8])
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sharding, "FSDP_MIN_SIZE", MIN_SIZE)
+    shardings = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
+  specs = jax.tree.map(lambda x: x.spec, shardings)
+  split, stacked = _assert_large_leaves_split(state, specs)
+  assert split > 40 and stacked == 0
