@@ -33,7 +33,6 @@ import re
 import statistics
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp

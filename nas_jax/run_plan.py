@@ -14,7 +14,9 @@ have the continuation finish the cosine instead, give stage 1 `optim.schedule_st
 stages' steps.
 
 The plan is written to `<workdir>/plan.json` when a run starts and read back when it resumes, so a
-resumed run trains the same steps on the same schedule even if the run it continued is gone.
+resumed run trains the same steps on the same schedule even if the run it continued is gone. A
+resumed run whose config changes the plan (say, a larger `total_steps` to train on) follows the
+config, keeping the step and schedule it continued, and says what changed (`replan`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,20 @@ def make_plan(config: ml_collections.ConfigDict, num_train: int,
                  lr=config.optim.lr, min_lr=config.optim.min_lr,
                  warmup_steps=config.optim.warmup_steps,
                  schedule_steps=max(config.optim.schedule_steps, num_steps))
+
+
+def replan(saved: RunPlan, config: ml_collections.ConfigDict, num_train: int) -> RunPlan:
+  """The plan of a resumed run that started with `saved`, as `config` gives it now: `saved` itself
+  when nothing changed. A continuation keeps the step and schedule it recorded."""
+  if saved.continues:
+    return make_plan(config, num_train, saved, saved.first_step, saved.continues)
+  return make_plan(config, num_train)
+
+
+def differences(old: RunPlan, new: RunPlan) -> list[str]:
+  """['last_step 400 → 7', ...] for the fields that differ."""
+  return [f"{f.name} {getattr(old, f.name)} → {getattr(new, f.name)}"
+          for f in dataclasses.fields(RunPlan) if getattr(old, f.name) != getattr(new, f.name)]
 
 
 def read_plan(workdir: str) -> RunPlan | None:

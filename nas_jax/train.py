@@ -23,7 +23,6 @@ import time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -196,13 +195,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
                                            process_count=jax.process_count(), source=source)
 
   # ---------------------------------------------------------------- plan: steps and schedule
-  plan = run_plan.read_plan(workdir)  # A resumed run keeps the plan it started with.
-  if plan is None:
+  saved_plan = run_plan.read_plan(workdir)  # A resumed run keeps the plan it started with...
+  if saved_plan is None:
     continued = (warm_start.continued_plan(c.init_from)
                  if c.init_from and c.continue_schedule else (None, 0, ""))
     plan = run_plan.make_plan(c, num_train, *continued)
-    if is_main:
-      run_plan.write_plan(workdir, plan)
+  else:                                      # ...unless its config now says otherwise.
+    plan = run_plan.replan(saved_plan, c, num_train)
+    if plan != saved_plan:
+      log.warning("the config changes the plan of this run (%s in %s): training on the new plan",
+                  ", ".join(run_plan.differences(saved_plan, plan)),
+                  os.path.join(workdir, run_plan.PLAN_FILE))
+  if is_main and plan != saved_plan:
+    run_plan.write_plan(workdir, plan)
   log.info("plan: steps %d → %d of a schedule of %d (lr %.3g → %.3g, warm-up %d)%s",
            plan.first_step, plan.last_step, plan.schedule_steps, plan.lr, plan.min_lr,
            plan.warmup_steps, f", continuing {plan.continues}" if plan.continues else "")

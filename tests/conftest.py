@@ -3,7 +3,6 @@
 import os
 import pathlib
 import subprocess
-import sys
 
 # XLA's CPU code generation without LLVM's expensive passes: the tests' tiny programs compile about
 # twice as fast (and run about as fast). Numerics are XLA's; only the machine code is less tuned.
@@ -21,6 +20,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
+
+
+def subprocess_env(devices: int = 1, **extra: str) -> dict:
+  """The environment for a test's `python -m nas_jax....` subprocess: `devices` simulated CPU
+  devices (a user's machine has one), CHEAP_COMPILE, unbuffered output, plus `extra`."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CHEAP_COMPILE}")
+  env.update(extra)
+  return env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "benchmarks" / "samples"

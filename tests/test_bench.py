@@ -2,12 +2,12 @@
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from conftest import subprocess_env
 from step_utils import ROOT, tiny_config
 
 from nas_jax import bench, flops
@@ -85,8 +85,7 @@ def test_mfu_is_per_device_with_the_device_kinds_peak():
 def test_bench_cli_on_tiny_config(tmp_path):
   out = tmp_path / "bench.jsonl"
   prof = tmp_path / "prof"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = subprocess_env(PYTHONPATH=str(ROOT))
   cmd = [sys.executable, "-m", "nas_jax.bench", "--config", str(ROOT / "configs/demo.py") + ":tiny",
          "--batch", "16", "--steps", "3", "--warmup", "1", "--stage", "2",
          "--config.model.vit_attention=xla", "--json_out", str(out), "--profile_dir", str(prof),

@@ -18,6 +18,7 @@ from nas_jax import config_lib, convert
 from nas_jax.models import layer_stack
 from nas_jax.models.bert import BertModel
 from nas_jax.models.vit import VisionTransformer
+from torch_layouts import StateDictMaker
 
 DV, DT, E, Q = 24, 16, 8, 12          # vision width, text width, ITC embed dim, queue size
 M = 32                                # visual dictionary size of the NAS_ALBEF state dicts
@@ -37,69 +38,11 @@ def tiny_config(image_size=SRC_RES, scan_layers=True):
   return c
 
 
-class Maker:
-  """Random tensors with the shapes PyTorch stores (Linear weight [out, in])."""
+class Maker(StateDictMaker):
+  """PyTorch state dicts at this file's tiny shapes, plus the NAS authors' visual dictionary."""
 
   def __init__(self, seed):
-    self.rng = np.random.default_rng(seed)
-    self.sd = {}
-
-  def t(self, key, *shape):
-    self.sd[key] = self.rng.normal(size=shape).astype(np.float32)
-
-  def linear(self, prefix, n_in, n_out):
-    self.t(prefix + "weight", n_out, n_in)
-    self.t(prefix + "bias", n_out)
-
-  def norm(self, prefix, n, names=("weight", "bias")):
-    self.t(prefix + names[0], n)
-    self.t(prefix + names[1], n)
-
-  def vit(self, p, grid=SRC_RES // PATCH, extra=1):
-    self.t(p + "cls_token", 1, 1, DV)
-    self.t(p + "pos_embed", 1, extra + grid * grid, DV)
-    self.t(p + "patch_embed.proj.weight", DV, 3, PATCH, PATCH)
-    self.t(p + "patch_embed.proj.bias", DV)
-    for i in range(VIT_LAYERS):
-      b = f"{p}blocks.{i}."
-      self.norm(b + "norm1.", DV)
-      self.linear(b + "attn.qkv.", DV, 3 * DV)
-      self.linear(b + "attn.proj.", DV, DV)
-      self.norm(b + "norm2.", DV)
-      self.linear(b + "mlp.fc1.", DV, 2 * DV)
-      self.linear(b + "mlp.fc2.", 2 * DV, DV)
-    self.norm(p + "norm.", DV)
-
-  def attention(self, p, kv_width, ln_names):
-    self.linear(p + "self.query.", DT, DT)
-    self.linear(p + "self.key.", kv_width, DT)
-    self.linear(p + "self.value.", kv_width, DT)
-    self.linear(p + "output.dense.", DT, DT)
-    self.norm(p + "output.LayerNorm.", DT, ln_names)
-
-  def bert(self, p, cross=True, ln_names=("weight", "bias")):
-    e = p + "embeddings."
-    self.sd[e + "position_ids"] = np.arange(MAX_POS, dtype=np.int64)[None]
-    self.t(e + "word_embeddings.weight", VOCAB, DT)
-    self.t(e + "position_embeddings.weight", MAX_POS, DT)
-    self.t(e + "token_type_embeddings.weight", 2, DT)
-    self.norm(e + "LayerNorm.", DT, ln_names)
-    for i in range(BERT_LAYERS):
-      l = f"{p}encoder.layer.{i}."
-      self.attention(l + "attention.", DT, ln_names)
-      if cross and i >= FUSION:
-        self.attention(l + "crossattention.", DV, ln_names)
-      self.linear(l + "intermediate.dense.", DT, 2 * DT)
-      self.linear(l + "output.dense.", 2 * DT, DT)
-      self.norm(l + "output.LayerNorm.", DT, ln_names)
-
-  def mlm_head(self, p, word_key, ln_names=("weight", "bias")):
-    c = p + "predictions."
-    self.t(c + "bias", VOCAB)
-    self.linear(c + "transform.dense.", DT, DT)
-    self.norm(c + "transform.LayerNorm.", DT, ln_names)
-    self.sd[c + "decoder.weight"] = self.sd[word_key].copy()   # Tied.
-    self.sd[c + "decoder.bias"] = self.sd[c + "bias"].copy()
+    super().__init__(tiny_config().model, seed)
 
   def neck(self, p, size=M, mask_emb=False):
     """The NAS authors' SimpleVDforPreGate (in = out = the ViT width) with SOHO_Pre_VD buffers."""
@@ -119,24 +62,7 @@ class Maker:
 
 def albef_state_dict(kind: str, seed: int = 0) -> dict:
   """Every key of salesforce/ALBEF's model_pretrain / model_retrieval state dict, tiny shapes."""
-  m = Maker(seed)
-  for tag in ("", "_m"):
-    m.vit(f"visual_encoder{tag}.")
-    if kind == "pretrain":   # text_encoder = BertForMaskedLM (no pooler)
-      m.bert(f"text_encoder{tag}.bert.")
-      m.mlm_head(f"text_encoder{tag}.cls.", f"text_encoder{tag}.bert.embeddings.word_embeddings.weight")
-    else:                    # text_encoder = BertModel(add_pooling_layer=False)
-      m.bert(f"text_encoder{tag}.")
-    m.linear(f"vision_proj{tag}.", DV, E)
-    m.linear(f"text_proj{tag}.", DT, E)
-  m.linear("itm_head.", DT, 2)
-  m.sd["temp"] = np.array(0.07, np.float32)
-  m.t("image_queue", E, Q)
-  m.t("text_queue", E, Q)
-  m.sd["queue_ptr"] = np.array([4], np.int64)
-  if kind == "retrieval":
-    m.sd["idx_queue"] = np.arange(Q, dtype=np.int64)[None] - 100
-  return m.sd
+  return Maker(seed).albef(kind, queue_size=Q)
 
 
 def nas_state_dict(kind: str, seed: int = 0, **neck) -> dict:
@@ -513,7 +439,7 @@ def test_bert_base_layout_with_fresh_cross_attention():
 
 def test_distilled_deit_checkpoint():
   m = Maker(2)
-  m.vit("", grid=2, extra=2)
+  m.vit("", extra=2)
   m.t("dist_token", 1, 1, DV)
   m.linear("head.", DV, 5)
   m.linear("head_dist.", DV, 5)

@@ -1,10 +1,10 @@
 """The Colab TPU notebook runs end to end on CPU (tiny demo config), as CI executes it."""
 
 import json
-import os
 
 import pytest
 
+from conftest import CHEAP_COMPILE
 from step_utils import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "nas_jax_colab_tpu.ipynb"
@@ -19,7 +19,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setenv("NAS_JAX_NOTEBOOK_WORKDIR", str(workdir))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.delenv("XLA_FLAGS", raising=False)   # One CPU device: the fewest compiles.
+  monkeypatch.setenv("XLA_FLAGS", CHEAP_COMPILE)   # One CPU device: the fewest compiles.
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(ROOT)}})

@@ -28,7 +28,7 @@ import pytest
 import safetensors.numpy
 
 import bench_data
-from conftest import CHEAP_COMPILE
+from conftest import subprocess_env
 from step_utils import ROOT
 from torch_layouts import StateDictMaker
 
@@ -62,10 +62,7 @@ RECIPE_CONFIG = textwrap.dedent(f'''
 
 
 def _run(module: str, *args: str, timeout: int = 300) -> str:
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  # One CPU device, as a user's; XLA's cheaper CPU code generation halves the compile time of the
-  # tiny steps (tests/conftest.py: CHEAP_COMPILE).
-  env["XLA_FLAGS"] = CHEAP_COMPILE
+  env = subprocess_env()   # One CPU device, as a user's; cheaper CPU code generation.
   import time
   t0 = time.time()
   proc = subprocess.run([sys.executable, "-m", f"nas_jax.{module}", *args], cwd=ROOT, env=env,

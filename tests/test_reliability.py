@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from step_utils import ROOT, tiny_config
 
 # The tiny demo, as tests/test_train_cli.py runs it (same compiled step), with a checkpoint every
@@ -363,7 +364,7 @@ if __name__ == "__main__":   # The workers are spawned: they import this file.
   print("done")
 """
   (tmp_path / "run.py").write_text(script)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocess_env()
   proc = subprocess.run([sys.executable, str(tmp_path / "run.py")], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr
@@ -399,8 +400,7 @@ def test_kill_9_mid_save_resumes_bit_identical(tmp_path):
   metrics.jsonl holds each step once, and no shared memory leaks."""
   from nas_jax import checkpoint
   ref_wd, wd = tmp_path / "reference", tmp_path / "killed"
-  env = dict(os.environ, PYTHONUNBUFFERED="1", KILL_AT_STEP="4",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocess_env(KILL_AT_STEP="4")
   run = lambda *cmd: subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env,  # noqa: E731
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   reference = run("-m", "nas_jax.train", *_cli_args(ref_wd))

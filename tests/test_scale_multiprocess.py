@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import CHEAP_COMPILE
 from step_utils import assert_params_close, ROOT, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def _train(workdir, total_steps: int, processes: int, sigterm_to: int | None = N
           if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS")
           and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   base.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes} {CHEAP_COMPILE}")
   port = _free_port()
   procs = []
   for pid in range(processes):

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from step_utils import ROOT, tiny_config
 
 
@@ -112,7 +113,7 @@ def test_init_from_another_stage(uninterrupted, tmp_path):
 
 
 def _cli(args, **kw):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env = subprocess_env()
   return subprocess.run([sys.executable, "-m", "nas_jax.train", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, **kw)
 
@@ -172,16 +173,21 @@ def test_sigterm_saves_and_resumes(tmp_path):
   args = ["--config", "configs/demo.py:tiny", "--workdir", str(tmp_path),
           "--config.eval.enabled=False", "--config.stage2_steps=0", "--config.total_steps=400",
           "--config.log_every=1", "--config.checkpoint.every=0"]
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen([sys.executable, "-m", "nas_jax.train", *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env = subprocess_env()
+  # The output goes to a file: an unread pipe fills up and blocks the run mid-step.
+  log_path = pathlib.Path(tmp_path) / "out.txt"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen([sys.executable, "-m", "nas_jax.train", *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
   metrics = pathlib.Path(tmp_path) / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-    assert proc.poll() is None, proc.stdout.read()
+    assert proc.poll() is None, log_path.read_text()
     time.sleep(0.5)
+  assert time.time() < deadline, "no 3 metrics rows in 240 s: " + log_path.read_text()[-3000:]
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=240)
+  proc.wait(timeout=240)
+  out = log_path.read_text()
   assert proc.returncode == 0, out
   # The warning starts its own line: it does not run into the progress bar's text.
   assert re.search(r"(^|[\r\n])\d\d:\d\d:\d\d WARNING SIGTERM received: saving step", out), out
@@ -194,7 +200,12 @@ def test_sigterm_saves_and_resumes(tmp_path):
                               f"--config.total_steps={done + 2}", "--config.log_every=1"],
                  timeout=300)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-  assert f"resumed from" in resumed.stdout and f"at step {done}" in resumed.stdout
+  assert "resumed from" in resumed.stdout and f"at step {done}" in resumed.stdout
+  # The smaller total_steps is the new plan, said in a warning; the run ends there.
+  assert "the config changes the plan of this run (last_step 400 → " in resumed.stdout
+  assert json.loads((pathlib.Path(tmp_path) / "plan.json").read_text())["last_step"] == done + 2
+  assert max(int(p.name) for p in (pathlib.Path(tmp_path) / "checkpoints").iterdir()
+             if p.name.isdigit()) == done + 2
 
 
 def test_init_from_converted_pytorch_weights(uninterrupted, tmp_path):

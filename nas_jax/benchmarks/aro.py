@@ -34,7 +34,7 @@ import os
 import random
 import re
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -28,7 +28,7 @@ layer) and the FSDP partition rules look through it.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax
