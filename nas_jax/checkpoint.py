@@ -386,11 +386,15 @@ def find_checkpoint(path: str) -> tuple[str, int]:
 
 
 def _reader(root: str, state_handler=None) -> ocp.CheckpointManager:
-  """A manager over `root` for reading that knows the item types (so metadata reads need no
-  probing). `state_handler`: the handler of the 'state' item (default: the standard one)."""
+  """A manager over `root` for reading that knows every item's type (so metadata reads need no
+  probing, and orbax does not warn about the items it could not restore). `state_handler`: the
+  handler of the 'state' item (default: the standard one)."""
+  import grain
   return ocp.CheckpointManager(
       root, item_handlers={"state": state_handler or ocp.StandardCheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()},
+                           "config": ocp.JsonCheckpointHandler(),
+                           "loop": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()},
       options=ocp.CheckpointManagerOptions(create=False))
 
 

@@ -69,7 +69,10 @@ def _run(module: str, *args: str, timeout: int = 300) -> str:
                         capture_output=True, text=True, timeout=timeout)
   print(f"[recipe] nas_jax.{module} {args[:2]}: {time.time() - t0:.1f} s", flush=True)
   assert proc.returncode == 0, f"nas_jax.{module} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
-  return proc.stdout + proc.stderr
+  out = proc.stdout + proc.stderr
+  # Reading another run's checkpoint names every item's type: no orbax warnings about the rest.
+  assert "could not be restored" not in out, out
+  return out
 
 
 def _metrics(workdir) -> list[dict]:
