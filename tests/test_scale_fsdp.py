@@ -1,4 +1,4 @@
-"""FSDP on 8 simulated CPU devices: meshes data×fsdp = 4×2 and 2×4 give the same losses and
+"""FSDP on 8 simulated CPU devices: the mesh data×fsdp = 2×4 gives the same losses and
 parameters over several steps as pure data parallelism (8×1), and large leaves really are split.
 
 The tiny model has no leaf of `sharding.FSDP_MIN_SIZE` (65,536) elements, so the threshold is
@@ -52,10 +52,10 @@ def _run(fsdp: int, batch, steps: int = 3):
 def runs():
   assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
   batch = fixed_batch(_config(1))
-  return {f: _run(f, batch) for f in (1, 2, 4)}
+  return {f: _run(f, batch) for f in (1, 4)}   # (2 adds a compile, not a code path.)
 
 
-@pytest.mark.parametrize("fsdp", [2, 4])
+@pytest.mark.parametrize("fsdp", [4])
 def test_fsdp_matches_data_parallel(runs, fsdp):
   _, s_dp, m_dp, _ = runs[1]
   mesh, s_f, m_f, _ = runs[fsdp]
