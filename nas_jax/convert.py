@@ -277,14 +277,17 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+  """tree[path[0]][path[1]]... = value, creating the dicts on the way."""
+  for part in path[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[path[-1]] = value
+
+
 def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   tree: dict[str, Any] = {}
   for key, v in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
+    _set_path(tree, key.split("/"), v)
   return tree
 
 
@@ -298,11 +301,7 @@ def _model_config(model, changes: Mapping[str, Any] | None = None) -> dict[str, 
   dotted keys) applied: what meta.json records as the model the converted tree belongs to."""
   out = json.loads(json.dumps(model.to_dict(), default=str))
   for key, value in (changes or {}).items():
-    node = out
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
+    _set_path(out, key.split("."), value)
   return out
 
 

@@ -79,3 +79,13 @@ def assert_params_close(got, want, atol: float) -> None:
       keep = np.r_[0:d, 2 * d:3 * d]
       a, b = a[..., keep], b[..., keep]
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=name)
+
+
+def assert_grads_close(got, want, rtol: float = 1e-5) -> None:
+  """Two gradient trees of the same structure agree to `rtol` of the largest gradient (which must
+  not vanish: a test of zero gradients proves nothing)."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(want))
+  assert scale > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol,
+                                                       atol=rtol * scale), got, want)

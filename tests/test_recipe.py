@@ -63,11 +63,8 @@ RECIPE_CONFIG = textwrap.dedent(f'''
 
 def _run(module: str, *args: str, timeout: int = 300) -> str:
   env = subprocess_env()   # One CPU device, as a user's; cheaper CPU code generation.
-  import time
-  t0 = time.time()
   proc = subprocess.run([sys.executable, "-m", f"nas_jax.{module}", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
-  print(f"[recipe] nas_jax.{module} {args[:2]}: {time.time() - t0:.1f} s", flush=True)
   assert proc.returncode == 0, f"nas_jax.{module} {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"
   out = proc.stdout + proc.stderr
   # Reading another run's checkpoint names every item's type: no orbax warnings about the rest.

@@ -40,6 +40,17 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def _assert_same_run(got_params, want_params, wd, ref_wd, steps=6):
+  """Bit-identical parameters, and metrics.jsonl holding each of steps 1..`steps` once with the
+  reference run's loss and ITM accuracy."""
+  for a, b in zip(_leaves(want_params), _leaves(got_params)):
+    np.testing.assert_array_equal(a, b)
+  got, want = _train_rows(wd), _train_rows(ref_wd)
+  assert [row["step"] for row in got] == list(range(1, steps + 1))
+  for g, w in zip(got, want):
+    assert (g["loss"], g["itm_acc"]) == (w["loss"], w["itm_acc"]), (g, w)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted 6-step run: (config, workdir, final params)."""
@@ -225,12 +236,7 @@ def test_resume_past_an_unreadable_checkpoint_matches_the_uninterrupted_run(refe
   assert (wd / "unreadable_checkpoints" / "6").is_dir()
   assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]
   _, params, _ = checkpoint.load_params(str(wd), c)
-  for a, b in zip(_leaves(ref_params), _leaves(params)):
-    np.testing.assert_array_equal(a, b)
-  got, want = _train_rows(wd), _train_rows(ref_wd)
-  assert [row["step"] for row in got] == [1, 2, 3, 4, 5, 6]
-  for g, w in zip(got, want):
-    assert (g["loss"], g["itm_acc"]) == (w["loss"], w["itm_acc"])
+  _assert_same_run(params, ref_params, wd, ref_wd)
   saves = [row["step"] for row in _rows(wd) if "checkpoint_save_s" in row]
   assert saves == [2, 4, 6]
 
@@ -418,9 +424,4 @@ def test_kill_9_mid_save_resumes_bit_identical(tmp_path):
   c = _cfg()
   _, want, _ = checkpoint.load_params(str(ref_wd), c)
   _, got, _ = checkpoint.load_params(str(wd), c)
-  for a, b in zip(_leaves(want), _leaves(got)):
-    np.testing.assert_array_equal(a, b)
-  got, want = _train_rows(wd), _train_rows(ref_wd)
-  assert [row["step"] for row in got] == [1, 2, 3, 4, 5, 6]
-  for g, w in zip(got, want):
-    assert g["loss"] == w["loss"], (g, w)
+  _assert_same_run(got, want, wd, ref_wd)

@@ -28,14 +28,20 @@ def _config(fsdp: int, scan_layers: bool = True):
                         "itm.hard_negative_groups": 8, "model.scan_layers": scan_layers})
 
 
-def _run(fsdp: int, batch, steps: int = 3):
+def _build_sharded(c):
+  """(initial state, step fn, 8-device mesh, state shardings with the lowered FSDP threshold)."""
   from nas_jax import sharding
-  c = _config(fsdp)
   _, _, _, state, step = build(c, num_groups=8)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:8])
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sharding, "FSDP_MIN_SIZE", MIN_SIZE)
     state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
+  return state, step, mesh, state_sh
+
+
+def _run(fsdp: int, batch, steps: int = 3):
+  from nas_jax import sharding
+  state, step, mesh, state_sh = _build_sharded(_config(fsdp))
   with jax.set_mesh(mesh):
     state = jax.device_put(state, state_sh)
     f = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
@@ -124,13 +130,7 @@ def test_fsdp_shards_large_leaves_only(runs):
 
 
 def test_fsdp_rules_of_the_unrolled_layout():
-  from nas_jax import sharding
-  c = _config(4, scan_layers=False)
-  _, _, _, state, _ = build(c, num_groups=8)
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:8])
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sharding, "FSDP_MIN_SIZE", MIN_SIZE)
-    shardings = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
+  state, _, _, shardings = _build_sharded(_config(4, scan_layers=False))
   specs = jax.tree.map(lambda x: x.spec, shardings)
   split, stacked = _assert_large_leaves_split(state, specs)
   assert split > 40 and stacked == 0
