@@ -155,11 +155,18 @@ def _garble(path):
   path.write_bytes(b"\x00garbled{")
 
 
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:-8])
+
+
 CORRUPTIONS = {
     # name: (how, what the warning must name)
     "truncated array file": (_truncate_largest_array_file, r'ValueError: OUT_OF_RANGE: Error '
                              r'reading "\S+" in OCDBT database at local file "state/"'),
-    "manifest.ocdbt": (lambda d: _garble(d / "state" / "manifest.ocdbt"), r"state/manifest.ocdbt"),
+    "manifest.ocdbt": (lambda d: _garble(d / "state" / "manifest.ocdbt"),
+                       r"state/manifest.ocdbt: not an OCDBT manifest \(bad header\)"),
+    "truncated manifest.ocdbt": (lambda d: _truncate(d / "state" / "manifest.ocdbt"),
+                                 r"state/manifest.ocdbt: truncated or padded OCDBT manifest"),
     "_METADATA": (lambda d: _garble(d / "state" / "_METADATA"),
                   r"state/_METADATA: not readable JSON"),
     "data iterator JSON": (lambda d: (d / "data" / "process_0-of-1.json").write_text(""),
