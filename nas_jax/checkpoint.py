@@ -12,7 +12,9 @@ Readers for other runs (module-level): `find_checkpoint`, `saved_config`, `state
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import copy
 import gc
 import inspect
 import json
@@ -24,6 +26,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -180,9 +183,17 @@ class Checkpointer:
 
   Items of a step folder: state (TrainState), config (JSON), data (the grain iterator's position,
   when given), loop (small JSON counters of the training loop, e.g. skipped updates).
+
+  snapshot (with async_save, one process): `save` copies the state on the device (one jitted
+  copy, dispatched without waiting), notes the data iterator's position, and hands both to a
+  writer thread that runs orbax's save: the device → host transfer (seconds for a full model)
+  overlaps the next training steps instead of stalling them. Every other method first waits for
+  the writer to have handed its save to orbax, so orbax's manager is only used by one thread at a
+  time.
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               snapshot: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.restored_loop: dict = {}   # The `loop` item of the step restore() returned.
@@ -190,6 +201,9 @@ class Checkpointer:
     self._in_flight: dict | None = None   # The save not yet complete (or not yet noticed).
     self._completed: list[dict] = []      # Complete saves not yet returned by poll_saves().
     self._async = async_save
+    self._snapshot = snapshot and async_save and jax.process_count() == 1
+    self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+    self._handoff: concurrent.futures.Future | None = None   # The writer's call of orbax's save.
     async_options = (ocp.AsyncOptions(post_finalization_callback=self._written)
                      if async_save else None)
     self.manager = ocp.CheckpointManager(
@@ -201,31 +215,45 @@ class Checkpointer:
                                              create=True))
 
   def latest_step(self) -> int | None:
+    self._join_handoff()
     return self.manager.latest_step()
 
   # -------------------------------------------------------------- save
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
            data_iterator: Any = None, *, force: bool = False, loop: dict | None = None) -> bool:
-    """Starts saving `step` (returns once the arrays are copied off the devices; the files are
-    written in the background with async_save). poll_saves() reports it once it is complete."""
-    items = {"state": ocp.args.StandardSave(state),
-             "config": ocp.args.JsonSave(config_to_dict(config))}
-    if data_iterator is not None:
-      import grain
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    if loop is not None:
-      items["loop"] = ocp.args.JsonSave(dict(loop))
+    """Starts saving `step`; poll_saves() reports it once it is complete. Returns once the arrays
+    are copied off the devices (async_save: the files are written in the background), or, with
+    `snapshot`, once a device-side copy is dispatched. False: orbax's policy skipped the step."""
     t0 = time.time()
+    self._join_handoff()
     if self._in_flight is not None:   # orbax waits for the previous save anyway: report it.
       self.manager.wait_until_finished()
       self._finish_in_flight()
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if not force and not self.manager.should_save(step):
+      return False
+    data = None
+    if data_iterator is not None:
+      data = _IteratorPosition(copy.deepcopy(data_iterator.get_state()))
+    args = _save_args(state if not self._snapshot else _device_copy(state), config, data, loop)
+    if self._snapshot:
+      if self._writer is None:
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+      self._handoff = self._writer.submit(self.manager.save, step, args=args, force=True)
+      saved = True
+    else:
+      saved = self.manager.save(step, args=args, force=force)
     if saved:
       now = time.time()
       with self._lock:
         self._in_flight = dict(step=int(step), start=t0, blocking=now - t0,
                                written=None if self._async else now)
     return saved
+
+  def _join_handoff(self) -> None:
+    """Waits until the writer thread has handed the last snapshot to orbax (its errors raise)."""
+    handoff, self._handoff = self._handoff, None
+    if handoff is not None:
+      handoff.result()
 
   def _written(self) -> None:
     """orbax's post-finalization callback (background thread): the files are all written."""
@@ -249,7 +277,10 @@ class Checkpointer:
     save call until the checkpoint was complete), 'checkpoint_blocking_s' (how long the caller was
     blocked)}]. wait: first wait for the save in flight."""
     if wait:
-      self.manager.wait_until_finished()
+      self.wait()
+    elif self._handoff is not None and not self._handoff.done():
+      return []   # Still handing over: not complete, and orbax's manager is the writer's.
+    self._join_handoff()
     if self._in_flight is not None and not self.manager.is_saving_in_progress():
       self._finish_in_flight()
     out, self._completed = self._completed, []
@@ -352,13 +383,59 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
+    self._join_handoff()
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
+    if self._writer is not None:
+      self._writer.shutdown()
     if self._in_flight is not None:
       self._finish_in_flight()
     self.manager.close()
+
+
+def _save_args(state: Any, config: ml_collections.ConfigDict, data: Any,
+               loop: dict | None) -> ocp.args.Composite:
+  """The items of one step folder (see `Checkpointer`)."""
+  items = {"state": ocp.args.StandardSave(state),
+           "config": ocp.args.JsonSave(config_to_dict(config))}
+  if data is not None:
+    import grain
+    items["data"] = grain.checkpoint.CheckpointSave(data)
+  if loop is not None:
+    items["loop"] = ocp.args.JsonSave(dict(loop))
+  return ocp.args.Composite(**items)
+
+
+@jax.jit
+def _device_copy(tree: Any) -> Any:
+  """A copy of `tree` in new device buffers (same shardings): the next step may donate the
+  originals while a writer thread still reads the copy."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _iterator_base():
+  import grain
+  return grain.DatasetIterator
+
+
+class _IteratorPosition(_iterator_base()):
+  """A data iterator's position, fixed when the save starts (the live iterator moves on while
+  the checkpoint is written); grain's checkpoint handler saves it as the iterator's state."""
+
+  def __init__(self, state: Any):
+    super().__init__()
+    self._state = state
+
+  def __next__(self):
+    raise StopIteration
+
+  def get_state(self) -> Any:
+    return self._state
+
+  def set_state(self, state: Any) -> None:
+    self._state = state
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:

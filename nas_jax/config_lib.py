@@ -209,7 +209,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''           # Another run's workdir, or `nas_jax.convert` folders (comma-separated).
   c.continue_schedule = False  # With init_from=<a run>: continue its step, AdamW state and
                                # learning-rate schedule (stage 2 after stage 1; nas_jax/run_plan.py).
-  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=1000, keep=3,
+      async_save=True,         # Files are written in the background.
+      snapshot=True,           # Single process: the save copies the state on the device and hands
+                               # the copy to a writer thread, so training does not wait for the
+                               # device → host transfer (needs the state's size once more on the
+                               # device while a save is in flight; False: orbax's own blocking copy).
+  ))
+  c.compilation_cache = True   # Single process: JAX's persistent cache in <workdir>/jax_cache (a
+                               # resumed run loads its programs); JAX_COMPILATION_CACHE_DIR wins.
   c.log_every = 50
   c.eval_every = 0           # 0: only at the end.
   c.eval = ml_collections.ConfigDict(dict(

@@ -86,3 +86,58 @@ class MetricWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+# ============================================================================ reading runs back
+def read_rows(workdir: str) -> list[dict]:
+  """Every row of `<workdir>/metrics.jsonl` in file order ([] when there is none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(workdir: str) -> dict:
+  """A run as a user times it: `startup_s` (process start to the end of the first step),
+  `samples_per_s` (median of the logged training rows after the first), the checkpoint saves
+  (`saves`, the largest `blocking_s` and the median `save_s`), the last step and its loss."""
+  rows = read_rows(workdir)
+  train = [r for r in rows if "loss" in r]
+  saves = [r for r in rows if "checkpoint_save_s" in r]
+  rates = [r["samples_per_s"] for r in train if "samples_per_s" in r]
+  return {
+      "run": workdir,
+      "startup_s": next((r["startup_s"] for r in train if "startup_s" in r), None),
+      "samples_per_s": float(np.median(rates)) if rates else None,
+      "saves": len(saves),
+      "blocking_s": max((r["checkpoint_blocking_s"] for r in saves), default=None),
+      "save_s": float(np.median([r["checkpoint_save_s"] for r in saves])) if saves else None,
+      "last_step": train[-1]["step"] if train else None,
+      "loss": train[-1]["loss"] if train else None,
+  }
+
+
+def summary_table(workdirs: list[str]) -> str:
+  """`summarize` of each run as one markdown table."""
+  fmt = lambda v, spec: "–" if v is None else format(v, spec)
+  lines = ["| run | start-up s | samples/s (median) | saves | training blocked s (max) | "
+           "save s (median) | last step | loss |", "|---|---|---|---|---|---|---|---|"]
+  for w in workdirs:
+    s = summarize(w)
+    lines.append(f"| {w} | {fmt(s['startup_s'], '.1f')} | {fmt(s['samples_per_s'], '.1f')} | "
+                 f"{s['saves']} | {fmt(s['blocking_s'], '.2f')} | {fmt(s['save_s'], '.2f')} | "
+                 f"{fmt(s['last_step'], 'd')} | {fmt(s['loss'], '.4f')} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m nas_jax.metrics_writer --summary WORKDIR...`: the runs' summary table."""
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m nas_jax.metrics_writer", description=main.__doc__)
+  p.add_argument("--summary", nargs="+", required=True, metavar="WORKDIR")
+  print(summary_table(p.parse_args(argv).summary))
+
+
+if __name__ == "__main__":
+  main()

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from nas_jax import checkpoint as ckpt_lib
-from nas_jax import config_lib, optim, run_plan, sharding, warm_start
+from nas_jax import compilation, config_lib, optim, run_plan, sharding, warm_start
 from nas_jax.config_lib import ConfigError
 from nas_jax.config_lib import load_config_file  # noqa: F401  (public: used by the notebook)
 from nas_jax.metrics_writer import MetricWriter
@@ -173,6 +173,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   config_lib.validate(c)
   is_main = jax.process_index() == 0
   prepare_workdir(workdir)
+  cache_dir = compilation.use_workdir_cache(workdir, c.compilation_cache)
+  if cache_dir:
+    log.info("compilation cache: %s", cache_dir)
 
   # ---------------------------------------------------------------- mesh
   try:
@@ -218,16 +221,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
                                alpha_warmup_steps=plan.alpha_warmup_steps, mesh=mesh)
   model, abstract = built.model, built.abstract_state
   state_sh = jax.tree.map(lambda a: a.sharding, abstract)
+  # The step compiles from shapes alone, in a thread, while the state is initialised or restored.
+  step_compile = compilation.in_background(lambda: built.compile(pipeline.batch_spec(c)),
+                                           name="compile-train-step")
 
   # ---------------------------------------------------------------- sharded init / resume
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep,
-                                       async_save=c.checkpoint.async_save)
+                                       async_save=c.checkpoint.async_save,
+                                       snapshot=c.checkpoint.snapshot)
   with jax.set_mesh(mesh):
     if checkpointer.latest_step() is not None:
       state, start = checkpointer.restore(abstract, c, data_iter)
+      beside = "restore"
       log.info("resumed from %s at step %d", checkpointer.directory, start)
     else:
       state = built.init(jax.random.PRNGKey(c.seed))
+      beside = "initialisation"
       if c.init_from:
         state, notes = warm_start.warm_start(c, state, abstract)
         state = jax.device_put(state, state_sh)
@@ -241,7 +250,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   log.info("model: %.1fM parameters; %d steps of %d samples (%d per epoch); stage %d%s",
            n_params / 1e6, plan.num_steps, c.data.batch_size, num_train, c.stage,
            " (NVA)" if c.nva.enabled else "")
-  train_step = built.jit()
+  compiled = step_compile.result()
+  train_step = compiled.executable
+  log.info("train step %s in %.1fs (beside the %s)", "loaded from the compilation cache"
+           if compiled.from_cache else "compiled", compiled.seconds, beside)
 
   # ---------------------------------------------------------------- loop
   # Metrics of a step are fetched one step late (the host never waits on the step in flight),
@@ -299,7 +311,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
     redirect = logging_redirect_tqdm(tqdm_class=tqdm)   # Log lines print above the bar.
-  log.info("training from step %d to %d (the first step compiles)", start, plan.last_step)
+  log.info("training from step %d to %d", start, plan.last_step)
   try:
     with redirect, PreemptionGuard() as guard, jax.set_mesh(mesh):
       for step in range(start, plan.last_step):

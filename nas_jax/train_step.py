@@ -525,6 +525,19 @@ class Setup:
     return jax.jit(self.step, in_shardings=(state_sh, sharding.batch_sharding(self.mesh)),
                    out_shardings=(state_sh, None), donate_argnums=0)
 
+  def compile(self, batch_spec: dict):
+    """The jitted step compiled ahead of time from shapes alone: `abstract_state` and
+    `batch_spec` (a global batch of jax.ShapeDtypeStruct, e.g. `data.pipeline.batch_spec`), so it
+    can compile while the state is being initialised or restored (train.py does so in a thread)."""
+    if self.mesh is None:
+      return self.jit().lower(self.abstract_state, batch_spec).compile()
+    from nas_jax import sharding
+    batch_sh = sharding.batch_sharding(self.mesh)
+    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sh),
+                              batch_spec)
+    with jax.set_mesh(self.mesh):   # The mesh context is per thread.
+      return self.jit().lower(self.abstract_state, batch_spec).compile()
+
 
 def setup(config: ml_collections.ConfigDict, schedule: optax.Schedule, *, token_ids: TokenIds,
           num_groups: int, alpha_warmup_steps: int, mesh=None) -> Setup:

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_measure.sh ablation   # the paper's Table 4 in miniature, 3 seeds (nas_jax.ablate)
 #   bash scripts/gpu_measure.sh bench      # stage-2 step, batch 64, unrolled vs scanned layer stacks
 #   bash scripts/gpu_measure.sh eval       # evaluation throughput and each benchmark's projected time
+#   bash scripts/gpu_measure.sh startup    # python -m nas_jax.train as a user runs it: start-up,
+#                                          # loop rate, checkpoint stalls; cold, then from the cache
 #
 # Results go to $OUT (default runs/gpu_out). Wheels the machine lacks (grain, ml_collections,
 # array_record, tensorboardX, portpicker) are installed from ./.whl when that folder exists.
@@ -40,8 +42,31 @@ case "${1:-}" in
     python3 -m nas_jax.benchmarks.throughput --config configs/stage2.py --batch 256,512,1024,2048 \
         --json_out "$OUT/eval_throughput.jsonl"
     ;;
+  startup)
+    # The full stage-2 model (ViT-B/16 256 px + BERT-base, NVA on, cuDNN attention) on the
+    # synthetic world, batch 64, 300 steps, a checkpoint every 100. Run 1 starts with an empty
+    # compilation cache and saves with orbax's own blocking copy (checkpoint.snapshot=False, the
+    # behaviour before); run 2, a new workdir with the same config, loads its programs from the
+    # cache and saves from a device-side snapshot (the default).
+    rm -rf runs/startup
+    A="--config configs/stage1.py --config.stage=2 --config.nva.enabled=True
+       --config.data.source=synthetic --config.data.vocab=synthetic --config.data.batch_size=64
+       --config.data.num_workers=12 --config.data.image_dtype=uint8 --config.model.attention=cudnn
+       --config.total_steps=300 --config.checkpoint.every=100 --config.log_every=20
+       --config.eval.enabled=False --config.stage2_steps=0"
+    export JAX_COMPILATION_CACHE_DIR=$PWD/runs/startup/jax_cache
+    for run in 1 2; do
+      snap=$([ $run = 1 ] && echo False || echo True)
+      t0=$(date +%s.%N)
+      python3 -m nas_jax.train $A --config.checkpoint.snapshot=$snap --workdir runs/startup/run$run \
+          2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/startup_run$run.log"
+      echo "run $run: process wall $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"
+    done
+    python3 -m nas_jax.metrics_writer --summary runs/startup/run1 runs/startup/run2 \
+        | tee "$OUT/startup_summary.md"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup" >&2
     exit 2
     ;;
 esac

@@ -46,15 +46,21 @@ def uninterrupted(tmp_path_factory):
   return c, wd
 
 
-def test_resume_is_exact(uninterrupted, tmp_path):
+def test_resume_is_exact(uninterrupted, tmp_path, caplog):
   """3 steps, stop (as on SIGTERM), resume 3 steps = 6 uninterrupted steps: same batches (same
-  losses at every step) and the same parameters."""
+  losses at every step) and the same parameters. The resumed run's step is the program the
+  first run compiled: it comes from the persistent compilation cache, compiled beside the
+  restore."""
   from nas_jax import train
   c, full = uninterrupted
   r1 = train.train(c, str(tmp_path), devices=jax.devices()[:1], interrupt_after=3)
   assert r1.interrupted and r1.final_step == 3
-  r2 = train.train(c, str(tmp_path), devices=jax.devices()[:1])
+  caplog.clear()
+  with caplog.at_level("INFO", logger="nas_jax.train"):
+    r2 = train.train(c, str(tmp_path), devices=jax.devices()[:1])
   assert r2.final_step == 6 and not r2.interrupted
+  assert re.search(r"train step loaded from the compilation cache in [\d.]+s \(beside the "
+                   r"restore\)", caplog.text), caplog.text
   want, got = _losses(full), _losses(tmp_path)
   assert sorted(got) == sorted(want) == list(range(1, 7))
   for step in want:
@@ -169,11 +175,14 @@ def test_main_keeps_the_traceback_of_a_bug(monkeypatch, capsys):
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path):
   """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 0, and a new
-  run in the same workdir resumes from it and completes."""
+  run in the same workdir resumes from it and completes. Both use the workdir's compilation cache
+  (the default when JAX_COMPILATION_CACHE_DIR is not set; the resumed run's program differs, its
+  schedule is shorter, so test_resume_is_exact asserts a cache hit)."""
   args = ["--config", "configs/demo.py:tiny", "--workdir", str(tmp_path),
           "--config.eval.enabled=False", "--config.stage2_steps=0", "--config.total_steps=400",
           "--config.log_every=1", "--config.checkpoint.every=0"]
   env = subprocess_env()
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   # The output goes to a file: an unread pipe fills up and blocks the run mid-step.
   log_path = pathlib.Path(tmp_path) / "out.txt"
   with open(log_path, "w") as log:
@@ -192,15 +201,20 @@ def test_sigterm_saves_and_resumes(tmp_path):
   # The warning starts its own line: it does not run into the progress bar's text.
   assert re.search(r"(^|[\r\n])\d\d:\d\d:\d\d WARNING SIGTERM received: saving step", out), out
   assert "first step done" in out and "checkpoint step" in out and " saved in " in out
+  assert "train step compiled in" in out and "(beside the initialisation)" in out
+  cache = pathlib.Path(tmp_path) / "jax_cache"
+  assert f"compilation cache: {cache}" in out and any(cache.iterdir())
   steps = sorted(int(p.name) for p in (pathlib.Path(tmp_path) / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert steps and 3 <= steps[-1] < 400
   done = steps[-1]
-  resumed = _cli(args[:-4] + ["--config.eval.enabled=False", "--config.stage2_steps=0",
-                              f"--config.total_steps={done + 2}", "--config.log_every=1"],
-                 timeout=300)
+  resumed = subprocess.run(
+      [sys.executable, "-m", "nas_jax.train", *args[:-4], "--config.eval.enabled=False",
+       "--config.stage2_steps=0", f"--config.total_steps={done + 2}", "--config.log_every=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert "resumed from" in resumed.stdout and f"at step {done}" in resumed.stdout
+  assert f"compilation cache: {cache}" in resumed.stdout
   # The smaller total_steps is the new plan, said in a warning; the run ends there.
   assert "the config changes the plan of this run (last_step 400 → " in resumed.stdout
   assert json.loads((pathlib.Path(tmp_path) / "plan.json").read_text())["last_step"] == done + 2
