@@ -7,6 +7,7 @@
 #   bash scripts/gpu_measure.sh eval       # evaluation throughput and each benchmark's projected time
 #   bash scripts/gpu_measure.sh startup    # python -m nas_jax.train as a user runs it: start-up,
 #                                          # loop rate, checkpoint stalls; cold, then from the cache
+#   bash scripts/gpu_measure.sh scaling    # (2 GPUs) stage-2 step on 1 and 2 GPUs, XLA variants
 #
 # Results go to $OUT (default runs/gpu_out). Wheels the machine lacks (grain, ml_collections,
 # array_record, tensorboardX, portpicker) are installed from ./.whl when that folder exists.
@@ -65,8 +66,20 @@ case "${1:-}" in
     python3 -m nas_jax.metrics_writer --summary runs/startup/run1 runs/startup/run2 \
         | tee "$OUT/startup_summary.md"
     ;;
+  scaling)
+    # Batch 64 per GPU. The 1-GPU row runs on the first GPU only; the others on all of them.
+    B="--config configs/stage2.py --steps 25 --warmup 3 --config.model.attention=cudnn"
+    n=$(python3 -c "import jax; print(jax.device_count())")
+    CUDA_VISIBLE_DEVICES=0 python3 -m nas_jax.bench $B --batch 64 --label "1 GPU" \
+        --json_out "$OUT/scaling.jsonl"
+    python3 -m nas_jax.bench $B --batch $((64 * n)) --label "$n GPUs" --json_out "$OUT/scaling.jsonl"
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true" python3 -m nas_jax.bench $B \
+        --batch $((64 * n)) --label "$n GPUs, latency-hiding scheduler" --json_out "$OUT/scaling.jsonl"
+    python3 -m nas_jax.bench $B --batch $((64 * n)) --config.model.scan_layers=True \
+        --label "$n GPUs, scanned layers" --json_out "$OUT/scaling.jsonl"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling" >&2
     exit 2
     ;;
 esac
