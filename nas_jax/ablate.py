@@ -369,6 +369,40 @@ def health_at_end(rows: Sequence[dict]) -> dict[str, float]:
   return out
 
 
+def curve_table(workdirs: Mapping[str, str],
+                keys: Sequence[str] = ('loss', 'loss_itc', 'loss_mlm', 'loss_itm'),
+                windows: int = 5) -> str:
+  """Markdown: the training curves of a few runs side by side ({label: workdir}, e.g. bf16 vs
+  fp8). The steps up to the last one logged are cut into `windows` equal windows; each cell is the
+  mean of a run's logged rows in that window (one step's loss is noisy), Δ the last run's relative
+  difference to the first's, '—' where a run logged nothing there."""
+  runs = {label: read_metrics(wd) for label, wd in workdirs.items()}
+  last = max((int(r['step']) for rows in runs.values() for r in rows), default=0)
+  edges = [round(last * i / windows) for i in range(windows + 1)]
+  spans = [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+  def mean(rows, key, lo, hi):
+    values = [v for r in rows if lo < int(r['step']) <= hi
+              if (v := _number(r.get(key))) is not None]
+    return sum(values) / len(values) if values else None
+
+  labels = list(runs)
+  delta = len(labels) > 1
+  head = ['steps'] + [f'{key} {label}' for key in keys for label in labels + ['Δ'] * delta]
+  lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
+  for lo, hi in spans:
+    cells = [f'{lo + 1}–{hi}']
+    for key in keys:
+      values = [mean(runs[label], key, lo, hi) for label in labels]
+      cells += ['—' if v is None else f'{v:.4f}' for v in values]
+      if delta:
+        first, other = values[0], values[-1]
+        cells.append('—' if first in (None, 0) or other is None
+                     else f'{100 * (other - first) / abs(first):+.1f} %')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
 def run_summary(job: Job) -> dict:
   """What the report needs of one run: eval metrics, health at the end, health curves, timing."""
   eval_metrics = {}

@@ -349,6 +349,7 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
       "batch": batch, "devices": devices, "dtype": c.model.dtype,
       "attention": attention_label(c), "remat": bool(c.model.remat),
       "scan_layers": bool(c.model.get("scan_layers", False)),
+      "fp8": bool(c.model.get("fp8", False)),
       "state_arrays": n_arrays,
       "compile_s": compile_s, "step_ms_median": 1e3 * med, "step_ms_min": 1e3 * min(times),
       "step_ms_max": 1e3 * max(times), "samples_per_s": batch / med,

@@ -113,6 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False        # True: each layer stack (ViT blocks, BERT text / fusion
                                      # layers) as one nn.scan over stacked params: compiles ~4x
                                      # faster, but trains ~23% slower on an H200 (docs/PERF.md).
+  c.model.fp8 = False                # True: the Dense matmuls of the ViT blocks and the BERT text
+                                     # and fusion layers (q/k/v, attention output, cross-attention,
+                                     # MLP / FFN) in FP8 with per-tensor current scaling: cuBLASLt
+                                     # FP8 gemms on Hopper, emulated elsewhere. Patch and token
+                                     # embeddings, vision_proj / text_proj / itm_head, the MLM head
+                                     # and the visual dictionary stay in model.dtype. Same params
+                                     # and state either way (models/fp8.py, docs/PERF.md).
 
   # ---------------------------------------------------------------- objectives
   c.itc = ml_collections.ConfigDict(dict(
@@ -286,6 +293,10 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
   }
 
 
+# Switches that must be True or False (ml_collections lets None through a bool field).
+_BOOLEANS = ("model.fp8",)
+
+
 def _get(c: ml_collections.ConfigDict, key: str):
   for part in key.split("."):
     c = c[part]
@@ -307,6 +318,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, choices in _choices(c).items():
     if _get(c, key) not in choices:
       fail(key, f"use one of {', '.join(repr(x) for x in choices)}")
+  for key in _BOOLEANS:
+    if not isinstance(_get(c, key), bool):
+      fail(key, "use True or False")
 
   def at_least(key: str, low: int, what: str = ""):
     value = _get(c, key)

@@ -8,6 +8,8 @@
 #   bash scripts/gpu_measure.sh startup    # python -m nas_jax.train as a user runs it: start-up,
 #                                          # loop rate, checkpoint stalls; cold, then from the cache
 #   bash scripts/gpu_measure.sh scaling    # (2 GPUs) stage-2 step on 1 and 2 GPUs, XLA variants
+#   bash scripts/gpu_measure.sh fp8        # model.fp8: stage-2 step bf16 vs FP8, and two short
+#                                          # trainings' losses side by side (fp8_curves.md)
 #
 # Results go to $OUT (default runs/gpu_out). Wheels the machine lacks (grain, ml_collections,
 # array_record, tensorboardX, portpicker) are installed from ./.whl when that folder exists.
@@ -78,8 +80,51 @@ case "${1:-}" in
     python3 -m nas_jax.bench $B --batch $((64 * n)) --config.model.scan_layers=True \
         --label "$n GPUs, scanned layers" --json_out "$OUT/scaling.jsonl"
     ;;
+  fp8)
+    # (a) The stage-2 step with the layers' matmuls in bf16, then FP8: two full compilations (no
+    # compilation cache: comparable compile times, and the FP8 step's optimised HLO is dumped, which
+    # a cache hit would skip). fp8_hlo.txt counts its custom calls and fusions by kind: cuBLASLt
+    # FP8 gemm calls show that XLA rewrote the float8 products (or Triton gemm fusions took them).
+    rm -rf runs/fp8_hlo
+    for fp8 in False True; do
+      dump=""
+      [ "$fp8" = True ] && dump="--xla_dump_to=runs/fp8_hlo --xla_dump_hlo_module_re=train_step"
+      XLA_FLAGS="${XLA_FLAGS:-} $dump" JAX_ENABLE_COMPILATION_CACHE=false \
+          python3 -m nas_jax.bench --config configs/stage2.py --batch 64 --steps 25 --warmup 3 \
+          --config.model.attention=cudnn --config.model.fp8=$fp8 \
+          --label "stage2 cudnn fp8=$fp8" --json_out "$OUT/bench.jsonl" \
+          || echo "[fp8] the fp8=$fp8 bench failed: see above" >&2
+    done
+    for hlo in runs/fp8_hlo/*train_step*after_optimizations.txt; do
+      [ -f "$hlo" ] || continue
+      { echo "$hlo: custom calls, fusion kinds"
+        grep -o 'custom_call_target="[^"]*"' "$hlo" | sort | uniq -c || true
+        grep -o '"kind":"__[a-z_]*"' "$hlo" | sort | uniq -c || true
+      } | tee -a "$OUT/fp8_hlo.txt"
+    done
+    # (b) Loss curves: the ablation's stage-1 model (width 256, 4 + 4 layers, VD, bf16, batch 128)
+    # from scratch for 500 steps, bf16 and FP8 side by side on the one GPU. If the slot runs out,
+    # SIGTERM (not SIGINT: background jobs ignore it) makes each run save and stop, and the table
+    # covers what was logged.
+    rm -rf runs/fp8_curves
+    left=$((SECONDS_LEFT - SECONDS - 30)); [ "$left" -ge 60 ] || left=60
+    for fp8 in False True; do
+      name=$([ "$fp8" = True ] && echo fp8 || echo bf16)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout -k 30 "$left" python3 -m nas_jax.train \
+          --config configs/ablation.py:stage1_vd --workdir "runs/fp8_curves/$name" \
+          --config.model.fp8=$fp8 --config.total_steps=500 --config.optim.schedule_steps=-1 \
+          --config.log_every=10 --config.eval.enabled=False --config.checkpoint.every=0 \
+          > "$OUT/fp8_train_$name.log" 2>&1 &
+    done
+    wait
+    for name in bf16 fp8; do
+      cp "runs/fp8_curves/$name/metrics.jsonl" "$OUT/fp8_metrics_$name.jsonl" 2>/dev/null || true
+    done
+    python3 -c "from nas_jax.ablate import curve_table; print(curve_table({'bf16': \
+        'runs/fp8_curves/bf16', 'fp8': 'runs/fp8_curves/fp8'}))" | tee "$OUT/fp8_curves.md"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8" >&2
     exit 2
     ;;
 esac

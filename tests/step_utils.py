@@ -89,3 +89,44 @@ def assert_grads_close(got, want, rtol: float = 1e-5) -> None:
   assert scale > 1e-3
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol,
                                                        atol=rtol * scale), got, want)
+
+
+# The FP8 switch (model.fp8) against bfloat16 and float32: (compute dtype, fp8).
+FP8_MODES = {"fp8": ("bfloat16", True), "bf16": ("bfloat16", False), "f32": ("float32", False)}
+
+
+def relative_error(got, want) -> float:
+  """‖got − want‖ / ‖want‖ over all leaves of two trees of the same structure, in float32."""
+  pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  num = sum(float(np.sum((np.asarray(a, np.float32) - np.asarray(b, np.float32)) ** 2))
+            for a, b in pairs)
+  return (num / sum(float(np.sum(np.asarray(b, np.float32) ** 2)) for _, b in pairs)) ** 0.5
+
+
+def fp8_runs(apply, *args) -> dict:
+  """{mode: (output, gradients of sum(tanh(output)) w.r.t. args)} for each of FP8_MODES, where
+  `apply(dtype, fp8, *args)` runs the module; one compilation for the three."""
+  import jax.numpy as jnp
+
+  def run(mode):
+    dtype, fp8 = FP8_MODES[mode]
+    loss = lambda *a: (lambda out: (jnp.sum(jnp.tanh(out)), out))(apply(jnp.dtype(dtype), fp8, *a))
+    (_, out), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+    return out, grads
+
+  return jax.jit(lambda *a: {mode: run(mode) for mode in FP8_MODES})(*args)
+
+
+def assert_fp8_close(runs: dict) -> None:
+  """FP8 (float8_e4m3fn operands: 3 mantissa bits, each entry rounded by up to 2^-4 of itself)
+  moves a layer's output by well under 2^-4 RMS from bfloat16, and by more than 4× what bfloat16
+  (8 bits, 5 more than e4m3: ~32× finer) moves it from float32: the switch really computes in FP8.
+  Both errors are diluted alike by the residual stream, so the ratio holds for any init scale.
+  Gradients (float8_e5m2 output gradients: 2 mantissa bits, up to 2^-3) are finite and within
+  15 % RMS of bfloat16's (measured: 2 % for the parameters, 8 % for cross-attention's inputs)."""
+  (out8, grads8), (out16, grads16), (out32, _) = (runs[m] for m in ("fp8", "bf16", "f32"))
+  assert relative_error(out8, out16) < 2 ** -4
+  assert relative_error(out8, out32) > 4 * relative_error(out16, out32)
+  assert all(bool(np.all(np.isfinite(np.asarray(g)))) for g in jax.tree.leaves(grads8))
+  for got, want in zip(grads8, grads16):   # per argument: parameters, inputs
+    assert relative_error(got, want) < 0.15

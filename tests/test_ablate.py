@@ -138,6 +138,23 @@ def test_report_numbers_from_the_runs_files(tmp_path):
   assert not ablate.is_done(job)
 
 
+def test_curve_table_puts_runs_side_by_side_in_step_windows(tmp_path):
+  """Two runs' losses (the FP8 comparison of scripts/gpu_measure.sh): window means, the relative
+  difference, evaluation rows skipped, '—' for a window or a key a run did not log."""
+  for name, scale, steps in (('bf16', 1.0, range(10, 101, 10)), ('fp8', 1.1, range(10, 51, 10))):
+    rows = [{'step': s, 'loss': scale * s, 'loss_itc': 1.0} for s in steps]
+    rows.append({'step': 50, 'eval/attribute': 1.0})
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  md = ablate.curve_table({'bf16': str(tmp_path / 'bf16'), 'fp8': str(tmp_path / 'fp8')},
+                          keys=('loss', 'loss_mlm'), windows=2)
+  assert md.splitlines() == [
+      '| steps | loss bf16 | loss fp8 | loss Δ | loss_mlm bf16 | loss_mlm fp8 | loss_mlm Δ |',
+      '|---|---|---|---|---|---|---|',
+      '| 1–50 | 30.0000 | 33.0000 | +10.0 % | — | — | — |',
+      '| 51–100 | 80.0000 | — | — | — | — | — |']
+
+
 def test_doc_block_is_replaced_between_markers(tmp_path):
   doc = tmp_path / 'docs' / 'ABLATION.md'
   png = tmp_path / 'ablation.png'

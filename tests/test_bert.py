@@ -9,12 +9,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from step_utils import assert_grads_close
+from step_utils import assert_fp8_close, assert_grads_close, fp8_runs
 
 from nas_jax import convert
 from nas_jax.data.text import Tokenizer
 from nas_jax.models import layer_stack
-from nas_jax.models.bert import BertModel
+from nas_jax.models.bert import BertLayer, BertModel
 
 VOCAB, HIDDEN, HEADS, INTER, LAYERS, FUSION, MAX_POS, ENC_WIDTH = 50, 32, 2, 64, 4, 2, 16, 48
 
@@ -297,3 +297,17 @@ def test_cudnn_path_pads_text_and_image_tokens_once_and_computes_the_same(monkey
     assert len(seen) == LAYERS + (LAYERS - FUSION)
   assert got.shape == want.shape == (3, 7, HIDDEN)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=0)
+
+
+def test_fp8_fusion_layer_is_close_to_bfloat16_and_so_are_its_gradients():
+  """model.fp8: a fusion layer's self-attention, cross-attention (to image tokens of another
+  width) and FFN in FP8; gradients w.r.t. the parameters and the image tokens (tolerances:
+  step_utils.assert_fp8_close)."""
+  cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+  _, mask, image, image_mask = _tiny_inputs()
+  hidden = jnp.asarray(np.random.default_rng(2).normal(size=mask.shape + (HIDDEN,)), jnp.float32)
+  layer = lambda dtype=jnp.float32, fp8=False: BertLayer(cfg, cross_attention=True, dtype=dtype,
+                                                         fp8=fp8)
+  params = jax.jit(layer().init)(jax.random.key(0), hidden, mask, image, image_mask)
+  apply = lambda dtype, fp8, p, v: layer(dtype, fp8).apply(p, hidden, mask, v, image_mask)
+  assert_fp8_close(fp8_runs(apply, params, image))

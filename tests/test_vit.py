@@ -8,11 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from step_utils import assert_grads_close
+from step_utils import assert_fp8_close, assert_grads_close, fp8_runs
 
 from nas_jax import convert
 from nas_jax.models import layer_stack
-from nas_jax.models.vit import VisionTransformer, interpolate_pos_embed
+from nas_jax.models.vit import Block, VisionTransformer, interpolate_pos_embed
 
 EMBED, DEPTH, HEADS, PATCH, SMALL, LARGE = 64, 2, 4, 16, 64, 96
 # Position-embedding resampling cases: (grid side before, after, width), ALBEF's 224->256->384 among them.
@@ -201,3 +201,12 @@ def test_tanh_gelu_switch_is_close_to_exact_and_checked():
   assert float(jnp.abs(gelu(x, "tanh") - gelu(x, "exact")).max()) < 1e-3
   with pytest.raises(ValueError, match="model.vit.gelu / model.bert.gelu"):
     gelu(x, "erf")
+
+
+def test_fp8_block_is_close_to_bfloat16_and_so_are_its_gradients():
+  """model.fp8: a block's qkv, proj, fc1 and fc2 in FP8 (tolerances: assert_fp8_close)."""
+  cfg = vit_config()
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 17, EMBED)), jnp.float32)
+  params = jax.jit(Block(cfg).init)(jax.random.key(0), x)
+  assert_fp8_close(fp8_runs(lambda dtype, fp8, p, x: Block(cfg, dtype=dtype, fp8=fp8).apply(p, x),
+                            params, x))

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nas_jax.models import fp8 as fp8_lib
+
 IMPLEMENTATIONS = ("xla", "cudnn")
 
 
@@ -143,6 +145,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: attention-probability dropout (train only, 'xla' only).
     fused_qkv, out_proj: layout switches above.
     kernel_init: initializer of the projection kernels.
+    fp8: the projections' matmuls in FP8 (`model.fp8`, models/fp8.py).
   """
   num_heads: int
   features: int
@@ -152,11 +155,12 @@ class MultiHeadAttention(nn.Module):
   fused_qkv: bool = False
   out_proj: bool = True
   kernel_init: Any = nn.initializers.lecun_normal()
+  fp8: bool = False
 
   def setup(self):
     if self.features % self.num_heads:
       raise ValueError(f"width {self.features} is not divisible by num_heads={self.num_heads}")
-    dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=self.kernel_init)
+    dense = lambda n: fp8_lib.dense(n, fp8=self.fp8, dtype=self.dtype, kernel_init=self.kernel_init)
     if self.fused_qkv:
       self.qkv = dense(3 * self.features)
     else:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nas_jax.models import fp8 as fp8_lib
 from nas_jax.models import layer_stack
 from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
@@ -42,9 +43,11 @@ class DenseResidualNorm(nn.Module):
   """HF's BertSelfOutput / BertOutput: LayerNorm(residual + Dropout(Dense(x)))."""
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
+  fp8: bool = False
 
   def setup(self):
-    self.dense = nn.Dense(self.config.hidden_size, dtype=self.dtype, kernel_init=_normal(self.config))
+    self.dense = fp8_lib.dense(self.config.hidden_size, fp8=self.fp8, dtype=self.dtype,
+                               kernel_init=_normal(self.config))
     self.LayerNorm = _layer_norm(self.config)
     self.dropout = nn.Dropout(self.config.hidden_dropout)
 
@@ -59,7 +62,7 @@ class BertAttention(MultiHeadAttention):
 
   def setup(self):
     super().setup()
-    self.output = DenseResidualNorm(self.config, dtype=self.dtype)
+    self.output = DenseResidualNorm(self.config, dtype=self.dtype, fp8=self.fp8)
 
   def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True):
     """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk]."""
@@ -70,32 +73,36 @@ class BertAttention(MultiHeadAttention):
 class Intermediate(nn.Module):
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
+  fp8: bool = False
 
   def setup(self):
-    self.dense = nn.Dense(self.config.intermediate_size, dtype=self.dtype, kernel_init=_normal(self.config))
+    self.dense = fp8_lib.dense(self.config.intermediate_size, fp8=self.fp8, dtype=self.dtype,
+                               kernel_init=_normal(self.config))
 
   def __call__(self, x):
     return gelu(self.dense(x), self.config.get("gelu", "exact"))
 
 
 class BertLayer(nn.Module):
-  """One encoder layer; with `cross_attention` a fusion layer (ALBEF's layers >= fusion_layer)."""
+  """One encoder layer; with `cross_attention` a fusion layer (ALBEF's layers >= fusion_layer).
+  `fp8`: every Dense of the layer in FP8 (models/fp8.py)."""
   config: ml_collections.ConfigDict
   cross_attention: bool = False
   dtype: Any = jnp.float32
   attention: str = "xla"
+  fp8: bool = False
 
   def setup(self):
     c = self.config
     make = functools.partial(
         BertAttention, num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
         implementation=self.attention, dropout_rate=c.attention_dropout, fused_qkv=False,
-        out_proj=False, kernel_init=_normal(c), config=c)
+        out_proj=False, kernel_init=_normal(c), config=c, fp8=self.fp8)
     self.attention_block = make(name="attention")
     if self.cross_attention:
       self.crossattention = make()
-    self.intermediate = Intermediate(c, dtype=self.dtype)
-    self.output = DenseResidualNorm(c, dtype=self.dtype)
+    self.intermediate = Intermediate(c, dtype=self.dtype, fp8=self.fp8)
+    self.output = DenseResidualNorm(c, dtype=self.dtype, fp8=self.fp8)
 
   def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True):
     """hidden [B, L, D] float32; mask [B, L]; image_tokens [B, Ni, Dv]; image_mask [B, Ni] or None."""
@@ -191,6 +198,8 @@ class BertModel(nn.Module):
     scan_layers: text layers and fusion layers as two scanned stacks, params 'text_layers' and
       'fusion_layers' [n, ...] (`model.scan_layers`), else unrolled, params 'layer_{i}'
       (models/layer_stack.py). Same function either way; dropout masks differ (rngs per layer).
+    fp8: the text and fusion layers' Dense layers in FP8 (`model.fp8`, models/fp8.py); the
+      embeddings and the MLM head stay in `dtype`. Same parameters either way.
 
   Masks are int/bool [B, L] with 1 on real tokens. Hidden states returned are float32.
   """
@@ -199,6 +208,7 @@ class BertModel(nn.Module):
   attention: str = "xla"
   remat: bool = False
   scan_layers: bool = False
+  fp8: bool = False
 
   def setup(self):
     c = self.config
@@ -210,7 +220,8 @@ class BertModel(nn.Module):
       def stack(count: int, cross: bool):
         # `deterministic` (argument 5, counting self) is static under remat: it selects dropout.
         scanned = layer_stack.scanned(ScanLayer, count, remat=self.remat, static_argnums=(5,))
-        return scanned(c, cross_attention=cross, dtype=self.dtype, attention=self.attention)
+        return scanned(c, cross_attention=cross, dtype=self.dtype, attention=self.attention,
+                       fp8=self.fp8)
 
       if c.fusion_layer > 0:
         self.text_layers = stack(c.fusion_layer, False)
@@ -219,7 +230,7 @@ class BertModel(nn.Module):
     else:
       layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
       self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
-                          attention=self.attention) for i in range(c.num_layers)]
+                          attention=self.attention, fp8=self.fp8) for i in range(c.num_layers)]
     self.cls = MLMHead(c, dtype=self.dtype)
 
   def embed(self, ids: jax.Array, *, train: bool = False) -> jax.Array:

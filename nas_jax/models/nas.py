@@ -54,9 +54,11 @@ class NASModel(nn.Module):
     c = self.config
     dtype = compute_dtype(c.dtype)
     scan = c.get("scan_layers", False)  # Absent from configs saved before the switch: unrolled.
+    fp8 = c.get("fp8", False)           # Likewise.
+    vit_attention = resolve_implementation(c.vit_attention or c.attention, dtype)
     self.vit = VisionTransformer(config=c.vit, dtype=dtype, remat=c.remat, scan_layers=scan,
-                                 attention=resolve_implementation(c.vit_attention or c.attention, dtype))
-    self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat, scan_layers=scan,
+                                 fp8=fp8, attention=vit_attention)
+    self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat, scan_layers=scan, fp8=fp8,
                           attention=resolve_implementation(c.attention, dtype))
     self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)

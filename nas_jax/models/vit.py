@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nas_jax.models import fp8 as fp8_lib
 from nas_jax.models import layer_stack
 from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
@@ -56,10 +57,13 @@ class Mlp(nn.Module):
   dtype: Any = jnp.float32
   init_std: float = 0.02
   gelu: str = "exact"
+  fp8: bool = False
 
   def setup(self):
-    self.fc1 = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_trunc_normal(self.init_std))
-    self.fc2 = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_trunc_normal(self.init_std))
+    dense = lambda n: fp8_lib.dense(n, fp8=self.fp8, dtype=self.dtype,
+                                    kernel_init=_trunc_normal(self.init_std))
+    self.fc1 = dense(self.mlp_dim)
+    self.fc2 = dense(self.hidden_size)
 
   def __call__(self, x):
     return self.fc2(gelu(self.fc1(x), self.gelu))
@@ -69,10 +73,12 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
 
   `key_lengths` [B] masks padded tokens (only used when the tokens were padded for cuDNN).
+  `fp8`: its Dense layers (qkv, proj, fc1, fc2) in FP8 (models/fp8.py).
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
   attention: str = "xla"
+  fp8: bool = False
 
   def setup(self):
     c = self.config
@@ -80,10 +86,10 @@ class Block(nn.Module):
     self.norm1 = norm()
     self.attn = MultiHeadAttention(num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
                                    implementation=self.attention, fused_qkv=True, out_proj=True,
-                                   kernel_init=_trunc_normal(c.get("init_std", 0.02)))
+                                   kernel_init=_trunc_normal(c.get("init_std", 0.02)), fp8=self.fp8)
     self.norm2 = norm()
     self.mlp = Mlp(c.hidden_size, c.mlp_dim, dtype=self.dtype, init_std=c.get("init_std", 0.02),
-                   gelu=c.get("gelu", "exact"))
+                   gelu=c.get("gelu", "exact"), fp8=self.fp8)
 
   def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
     x = x + self.attn(self.norm1(x), key_lengths=key_lengths)
@@ -109,12 +115,15 @@ class VisionTransformer(nn.Module):
     remat: rematerialise each block in the backward pass.
     scan_layers: the blocks as one scanned stack, params 'blocks' [L, ...] (`model.scan_layers`),
       else unrolled, params 'blocks_{i}' (models/layer_stack.py). Same function either way.
+    fp8: the blocks' Dense layers in FP8 (`model.fp8`, models/fp8.py); the patch embedding stays in
+      `dtype`. Same parameters either way.
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: bool = False
   scan_layers: bool = False
+  fp8: bool = False
 
   def setup(self):
     c = self.config
@@ -128,10 +137,10 @@ class VisionTransformer(nn.Module):
     self.pos_embed = self.param("pos_embed", _trunc_normal(std), (1, 1 + self.num_patches, c.hidden_size))
     if self.scan_layers:
       stack = layer_stack.scanned(ScanBlock, c.num_layers, remat=self.remat)
-      self.blocks = stack(c, dtype=self.dtype, attention=self.attention)
+      self.blocks = stack(c, dtype=self.dtype, attention=self.attention, fp8=self.fp8)
     else:
       block = nn.remat(Block) if self.remat else Block
-      self.blocks = [block(c, dtype=self.dtype, attention=self.attention)
+      self.blocks = [block(c, dtype=self.dtype, attention=self.attention, fp8=self.fp8)
                      for _ in range(c.num_layers)]
     self.norm = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=jnp.float32)
 
