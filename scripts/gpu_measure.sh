@@ -5,9 +5,11 @@
 #   bash scripts/gpu_measure.sh ablation   # the paper's Table 4 in miniature, 3 seeds (nas_jax.ablate)
 #   bash scripts/gpu_measure.sh bench      # stage-2 step, batch 64, unrolled vs scanned layer stacks
 #   bash scripts/gpu_measure.sh eval       # evaluation throughput and each benchmark's projected time
+#   bash scripts/gpu_measure.sh kernels    # LayerNorm / attention / GELU kernels: ours vs tokamax
 #
 # Results go to $OUT (default runs/gpu_out). Wheels the machine lacks (grain, ml_collections,
-# array_record, tensorboardX, portpicker) are installed from ./.whl when that folder exists.
+# array_record, tensorboardX, portpicker; for `kernels` tokamax and its dependencies, listed in
+# docs/PERF.md) are installed from ./.whl when that folder exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -40,8 +42,14 @@ case "${1:-}" in
     python3 -m nas_jax.benchmarks.throughput --config configs/stage2.py --batch 256,512,1024,2048 \
         --json_out "$OUT/eval_throughput.jsonl"
     ;;
+  kernels)
+    # Capped at 170 s (SIGINT; kernels.jsonl keeps every cell measured by then); the table also
+    # goes to kernels.md.
+    timeout -s INT 170 python3 scripts/kernel_bench.py --json_out "$OUT/kernels.jsonl" \
+        | tee "$OUT/kernels.md"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|kernels" >&2
     exit 2
     ;;
 esac
