@@ -571,6 +571,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return opts
 
 
+def measure(opts: argparse.Namespace, tokamax, why_not: str | None, backend: str,
+            rows: list[dict], record: Callable[[dict], None]) -> None:
+  """Every cell of the selected parts, each row appended to `rows` and given to `record` as it
+  is measured (an interruption keeps them)."""
+  for part in ([opts.only] if opts.only else PARTS):
+    for case, impls in PART_BUILDERS[part](opts, tokamax, why_not, backend):
+      args = jax.device_put(case.args + (case.cotangent,))
+      ref_args = None
+      if case.ref is not None:
+        ref_args = jax.device_put(to_float32(case.args) + (case.cotangent,))
+      ref_job, jobs = compile_case(case, impls, args, ref_args)
+      ref = None
+      if ref_job is not None:
+        ref, failed = reference(ref_job, ref_args)
+        if failed:  # No check then; the timings still stand.
+          print(f"[kernel_bench] {part} {case.name}: float32 reference failed: {failed}")
+      for impl, job in zip(impls, jobs):
+        row = run_cell(case, impl, job, args, ref, opts)
+        rows.append(row)
+        print(f"[kernel_bench] {part} {case.name} {case.dtype} {impl.name}: "
+              f"{_fmt(row['us_median'], '.1f')} µs {row['check'] or ''} {row['reason'] or ''}",
+              flush=True)
+        record(row)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
   opts = parse_args(argv)
   backend = jax.default_backend()
@@ -584,41 +609,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
   floor = dispatch_floor(opts.iters, opts.reps, opts.warmup)
   print(f"[kernel_bench] dispatch floor: {floor:.1f} µs per call (an empty jitted call)")
   sink = open(opts.json_out, "a") if opts.json_out else None
-  if sink:
-    sink.write(json.dumps({**meta, "part": "floor", "us_median": floor}) + "\n")
+
+  def record(row: dict) -> None:  # Written as measured: a crash later keeps what was measured.
+    if sink:
+      sink.write(json.dumps({**meta, **row}) + "\n")
+      sink.flush()
+
+  record({"part": "floor", "us_median": floor})
   rows = []
   try:
-    for part in ([opts.only] if opts.only else PARTS):
-      for case, impls in PART_BUILDERS[part](opts, tokamax, why_not, backend):
-        args = jax.device_put(case.args + (case.cotangent,))
-        ref_args = None
-        if case.ref is not None:
-          ref_args = jax.device_put(to_float32(case.args) + (case.cotangent,))
-        ref_job, jobs = compile_case(case, impls, args, ref_args)
-        ref = None
-        if ref_job is not None:
-          ref, failed = reference(ref_job, ref_args)
-          if failed:  # No check then; the timings still stand.
-            print(f"[kernel_bench] {part} {case.name}: float32 reference failed: {failed}")
-        for impl, job in zip(impls, jobs):
-          row = run_cell(case, impl, job, args, ref, opts)
-          rows.append(row)
-          print(f"[kernel_bench] {part} {case.name} {case.dtype} {impl.name}: "
-                f"{_fmt(row['us_median'], '.1f')} µs {row['check'] or ''} {row['reason'] or ''}",
-                flush=True)
-          if sink:  # Written as measured: a crash later keeps what was measured.
-            sink.write(json.dumps({**meta, **row}) + "\n")
-            sink.flush()
-    mark_fastest(rows)
-    if sink:
-      for row in rows:
-        if row.get("fastest"):
-          best = {"part": "fastest", "of": row["part"], "case": row["case"], "dtype": row["dtype"],
-                  "impl": row["impl"], "us_median": row["us_median"], "vs_ours": row["vs_ours"]}
-          sink.write(json.dumps({**meta, **best}) + "\n")
-  finally:
-    if sink:
-      sink.close()
+    measure(opts, tokamax, why_not, backend, rows, record)
+  except KeyboardInterrupt:  # gpu_measure.sh's time cap (SIGINT): report what was measured.
+    print("[kernel_bench] interrupted: the table has the cells measured so far")
+  mark_fastest(rows)
+  for row in rows:
+    if row.get("fastest"):
+      record({"part": "fastest", "of": row["part"], "case": row["case"], "dtype": row["dtype"],
+              "impl": row["impl"], "us_median": row["us_median"], "vs_ours": row["vs_ours"]})
+  if sink:
+    sink.close()
   print()
   print(table(rows))
   return rows
