@@ -10,9 +10,11 @@
 #   bash scripts/gpu_measure.sh scaling    # (2 GPUs) stage-2 step on 1 and 2 GPUs, XLA variants
 #   bash scripts/gpu_measure.sh fp8        # model.fp8: stage-2 step bf16 vs FP8, and two short
 #                                          # trainings' losses side by side (fp8_curves.md)
+#   bash scripts/gpu_measure.sh kernels    # LayerNorm / attention / GELU kernels: ours vs tokamax
 #
 # Results go to $OUT (default runs/gpu_out). Wheels the machine lacks (grain, ml_collections,
-# array_record, tensorboardX, portpicker) are installed from ./.whl when that folder exists.
+# array_record, tensorboardX, portpicker; for `kernels` tokamax and its dependencies, listed in
+# docs/PERF.md) are installed from ./.whl when that folder exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -123,8 +125,14 @@ case "${1:-}" in
     python3 -c "from nas_jax.ablate import curve_table; print(curve_table({'bf16': \
         'runs/fp8_curves/bf16', 'fp8': 'runs/fp8_curves/fp8'}))" | tee "$OUT/fp8_curves.md"
     ;;
+  kernels)
+    # Capped at 170 s (SIGINT; kernels.jsonl keeps every cell measured by then); the table also
+    # goes to kernels.md.
+    timeout -s INT 170 python3 scripts/kernel_bench.py --json_out "$OUT/kernels.jsonl" \
+        | tee "$OUT/kernels.md"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels" >&2
     exit 2
     ;;
 esac
