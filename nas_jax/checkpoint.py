@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nas_jax import config_lib
-from nas_jax.models.layer_stack import to_layout
+from nas_jax.models.layer_stack import to_model_layout
 
 log = logging.getLogger("nas_jax.checkpoint")
 
@@ -64,6 +64,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, where: str,
   now = config_lib.flat_config(config_to_dict(config))
   old = config_lib.flat_config(saved)
   old.setdefault("model.scan_layers", False)
+  old.setdefault("model.stacked_layout", False)
   diffs = []
   for key in sorted(set(now) & set(old)):
     if (not any(key == s or key.startswith(s + ".") for s in SHAPE_KEYS) or key in NOT_SHAPE_KEYS
@@ -560,15 +561,16 @@ def load_params(path: str, config: ml_collections.ConfigDict | None = None):
     tree = convert.load_converted(path)
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, device), t)
     config = config or saved
-    return config, put(to_layout(tree["params"], config)), put(tree.get("batch_stats", {}))
+    return config, put(to_model_layout(tree["params"], config)), put(tree.get("batch_stats", {}))
   saved = saved_config(path)
   if config is None:
     config = ml_collections.ConfigDict(saved)
   else:   # The layer layout may differ: the parameters are brought to the config's below.
-    check_compatible(saved, config, path, ignore=("model.scan_layers",))
+    check_compatible(saved, config, path, ignore=("model.scan_layers", "model.stacked_layout"))
   meta = state_metadata(path)
   target = {part: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                meta[part])
             for part in ("params", "batch_stats") if meta.get(part)}
   restored = restore_parts(path, target)
-  return config, to_layout(restored["params"], config), restored.get("batch_stats", {}) or {}
+  return (config, to_model_layout(restored["params"], config),
+          restored.get("batch_stats", {}) or {})

@@ -113,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False        # True: each layer stack (ViT blocks, BERT text / fusion
                                      # layers) as one nn.scan over stacked params: compiles ~4x
                                      # faster, but trains ~23% slower on an H200 (docs/PERF.md).
+  c.model.stacked_layout = False     # True: the train state, checkpoints and conversions keep
+                                     # the stacks' params stacked ([L, ...], as scan_layers does)
+                                     # while the layers run unrolled: ~1/5 of the arrays to
+                                     # dispatch and update per step (models/layer_stack.py).
   c.model.fp8 = False                # True: the Dense matmuls of the ViT blocks and the BERT text
                                      # and fusion layers (q/k/v, attention output, cross-attention,
                                      # MLP / FFN) in FP8 with per-tensor current scaling: cuBLASLt

@@ -56,7 +56,7 @@ import ml_collections
 import optax
 
 from nas_jax import nva, objectives
-from nas_jax.models import dictionary
+from nas_jax.models import dictionary, layer_stack
 from nas_jax.models.nas import MOMENTUM_KEYS, NASModel, compute_dtype
 
 
@@ -114,7 +114,7 @@ def init_state(config: ml_collections.ConfigDict, model: NASModel, tx: optax.Gra
   images = jnp.zeros((1, res, res, 3), jnp.float32)
   ids = jnp.zeros((1, c.data.max_text_len), jnp.int32)
   variables = model.init({"params": k_params}, images, ids, jnp.ones_like(ids), train=False)
-  params = dict(variables["params"])
+  params = dict(layer_stack.to_layout(dict(variables["params"]), c))
   params["temp"] = jnp.asarray(c.model.temp, jnp.float32)
   batch_stats = dict(variables.get("batch_stats", {}))
   q, e = c.itc.queue_size, c.model.embed_dim
@@ -464,12 +464,15 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict) -> tuple[TrainSta
   params = dict(state.params)
   params["temp"] = jnp.clip(params["temp"], c.itc.temp_min, c.itc.temp_max)
 
-  # 2-3. Momentum targets, online forward and backward (over K micro-batches when accumulating).
+  # 2-3. Momentum targets, online forward and backward (over K micro-batches when accumulating),
+  # in the model's layout; the gradients come back in the state's (model.stacked_layout).
   mlm_ids, mlm_labels = mask_for_mlm(spec, k_mask, batch["text_ids"])
   alpha_f = jnp.asarray(alpha, jnp.float32)
   grads_fn = accumulated_grads if c.accum_steps > 1 else plain_grads
   loss, metrics, batch_stats, grads, feats_m = grads_fn(
-      spec, state, params, params_m, batch, mlm_ids, mlm_labels, alpha_f, keys)
+      spec, state, layer_stack.to_model_layout(params, c),
+      layer_stack.to_model_layout(params_m, c), batch, mlm_ids, mlm_labels, alpha_f, keys)
+  grads = layer_stack.to_layout(grads, c)
 
   # 4. AdamW, codebook, enqueue; a non-finite step is skipped when asked.
   new_state = apply_updates(spec, state, params, params_m, batch_stats, grads, feats_m,

@@ -205,3 +205,27 @@ def test_the_train_step_is_the_same_in_both_layouts():
                       jax.device_get(unrolled.params), atol=2e-5)
   assert_params_close(layer_stack.unstack_layers(jax.device_get(scanned.params_m)),
                       jax.device_get(unrolled.params_m), atol=2e-5)
+
+
+@pytest.mark.slow   # Two compilations of the tiny stage-2 step.
+def test_stacked_layout_keeps_the_scanned_state_and_trains_as_unrolled():
+  """model.stacked_layout: the state has the scanned layout's arrays, the layers run unrolled (so
+  dropout draws the unrolled model's masks), and a stage-2 step equals the unrolled one's."""
+  from step_utils import assert_params_close, build, fixed_batch
+  over = {"nva.enabled": True, "optim.lr": 1e-3, "optim.warmup_steps": 1, "total_steps": 20}
+  c_unrolled = tiny_config(**over)
+  c_stacked = tiny_config(**over, **{"model.stacked_layout": True})
+  batch = fixed_batch(c_unrolled)
+  _, _, _, unrolled, step_unrolled = build(c_unrolled)
+  _, _, _, stacked, step_stacked = build(c_stacked)
+  scanned_shapes = jax.eval_shape(lambda: build(tiny_config(**over, **{"model.scan_layers": True}))[3])
+  assert jax.tree.structure(stacked) == jax.tree.structure(scanned_shapes)
+  assert len(jax.tree.leaves(stacked)) < len(jax.tree.leaves(unrolled))
+  unstack = lambda t: layer_stack.unstack_layers(jax.device_get(t))
+  assert_params_close(unstack(stacked.params), jax.device_get(unrolled.params), atol=0)
+  unrolled, m_unrolled = jax.jit(step_unrolled)(unrolled, batch)
+  stacked, m_stacked = jax.jit(step_stacked)(stacked, batch)
+  for k in ("loss", "loss_itc", "loss_mlm", "loss_itm", "grad_norm"):
+    np.testing.assert_allclose(float(m_stacked[k]), float(m_unrolled[k]), rtol=1e-6, err_msg=k)
+  assert_params_close(unstack(stacked.params), jax.device_get(unrolled.params), atol=1e-6)
+  assert_params_close(unstack(stacked.params_m), jax.device_get(unrolled.params_m), atol=1e-6)

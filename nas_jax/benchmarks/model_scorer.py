@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nas_jax.benchmarks import common
+from nas_jax.models import layer_stack
 
 
 def _encode_image(m, images):
@@ -81,7 +82,10 @@ class ModelScorer(common.ScorerBase):
     self.desc = 'scoring'  # Progress-bar label; the CLI sets it per benchmark.
     self._rep = NamedSharding(self.mesh, P())
     self._data = NamedSharding(self.mesh, P('data'))
-    params = {k: v for k, v in dict(params).items() if k != 'temp'}
+    # A train state's params may be stacked while the model's layers are unrolled
+    # (model.stacked_layout): the model gets its own layout.
+    params = layer_stack.to_model_layout(
+        {k: v for k, v in dict(params).items() if k != 'temp'}, model.config)
     variables = {'params': params}
     if batch_stats:
       variables['batch_stats'] = batch_stats

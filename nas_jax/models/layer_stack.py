@@ -14,12 +14,18 @@ same function from the same numbers. Scanned, the train state holds tens of arra
 ~2,000 (fewer host dispatches, and AdamW, the momentum EMA and the gradient norm run as a few large
 kernels instead of ~1,000 tiny ones), and each layer is traced and compiled once (docs/PERF.md).
 
-Trees convert between the layouts (NAS params or params_m, a bare ViT or BERT tree, AdamW moments;
-leaves numpy arrays, jax Arrays or ShapeDtypeStructs):
+With `model.stacked_layout=True` (and scan_layers=False) the state is stored stacked, as
+scanned, while the layers run unrolled: the step slices each layer's params out of the stacks and
+stacks the gradients again (`train_step.train_step`), so the host dispatches and AdamW updates the
+scanned layout's few arrays and XLA still compiles unrolled layers (docs/PERF.md).
 
-  stack_layers(tree, config)   per-layer subtrees → stacks
-  unstack_layers(tree)         stacks → per-layer subtrees
-  to_layout(tree, config)      either layout → the one `config` (its model.scan_layers) asks for
+Trees convert between the layouts (NAS params or params_m, a bare ViT or BERT tree, AdamW moments;
+leaves numpy arrays, jax Arrays, tracers or ShapeDtypeStructs):
+
+  stack_layers(tree, config)      per-layer subtrees → stacks
+  unstack_layers(tree)            stacks → per-layer subtrees
+  to_layout(tree, config)         either layout → the one `config` stores
+  to_model_layout(tree, config)   either layout → the one `config`'s model applies
 
 A leaf under a stack has a leading layer axis (`is_stacked(path)`): weight decay (rank > 1 per
 layer) and the FSDP partition rules look through it.
@@ -69,10 +75,19 @@ def _model_section(config):
 
 
 def scan_enabled(config) -> bool:
-  """`model.scan_layers` of a full config or its model section (False when absent: bare encoder
+  """Whether the model runs its stacks as `nn.scan` (and its modules take stacked params):
+  `model.scan_layers` of a full config or its model section (False when absent: bare encoder
   sections and configs written before the switch existed get the default, unrolled layout)."""
   model = _model_section(config)
   return bool(model.get("scan_layers", False)) if model is not None else False
+
+
+def stacked_storage(config) -> bool:
+  """Whether the train state, checkpoints and conversions hold the stacked layout:
+  `model.scan_layers` or `model.stacked_layout` (stacked params, unrolled layers: the step takes
+  each layer's slice, `to_model_layout`, and stacks the gradients, `to_layout`)."""
+  model = _model_section(config)
+  return scan_enabled(config) or bool(model is not None and model.get("stacked_layout", False))
 
 
 def _bert_section(config):
@@ -232,5 +247,14 @@ def unstack_layers(tree):
 
 
 def to_layout(tree, config):
-  """`tree` in either layout → the layout of `config`'s model.scan_layers (default True)."""
+  """`tree` in either layout → the layout `config` stores (train state, checkpoints,
+  conversions): stacked with model.scan_layers or model.stacked_layout, else one subtree per layer.
+  Traceable: inside a jitted step it stacks the per-layer gradients (one copy each)."""
+  return stack_layers(tree, config) if stacked_storage(config) else unstack_layers(tree)
+
+
+def to_model_layout(tree, config):
+  """`tree` in either layout → the layout `config`'s model applies (stacked only with
+  model.scan_layers). Traceable: inside a jitted step the layer slices of stacked params fuse into
+  their first use (the bf16 casts), so they cost no pass of their own."""
   return stack_layers(tree, config) if scan_enabled(config) else unstack_layers(tree)
