@@ -79,13 +79,16 @@ def _metrics(workdir) -> list[dict]:
 
 
 def _state(workdir, parts=("params", "params_m", "batch_stats", "queues", "opt_state", "step")):
-  """Parts of a run's newest checkpoint on the host (numpy), whatever wrote it."""
+  """Parts of a run's newest checkpoint on the host (numpy), whatever wrote it, one subtree per
+  layer (the stage configs store the layer stacks stacked: model.stacked_layout)."""
   from nas_jax import checkpoint
+  from nas_jax.models import layer_stack
   meta = checkpoint.state_metadata(str(workdir))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {p: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             meta[p]) for p in parts if meta.get(p) is not None}
-  return jax.tree.map(np.asarray, checkpoint.restore_parts(str(workdir), target))
+  return layer_stack.unstack_layers(
+      jax.tree.map(np.asarray, checkpoint.restore_parts(str(workdir), target)))
 
 
 TORCH_INTERPOLATE = textwrap.dedent('''
@@ -152,6 +155,7 @@ def test_paper_recipe_through_the_clis(tmp_path, samples_dir, minilm_dir, run_to
               "--config.total_steps=2", "--config.optim.lr=2e-9", "--config.optim.min_lr=1e-9",
               "--config.optim.warmup_steps=0")
   s1 = _state(runs / "stage1")
+  assert "blocks" in checkpoint.state_metadata(str(runs / "stage1"))["params"]["vit"]   # stacked
   g = RES // PATCH
   np.testing.assert_allclose(s1["params"]["vit"]["patch_embed"]["proj"]["kernel"],
                              deit_sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0), atol=1e-6)
