@@ -7,7 +7,9 @@
 #   bash scripts/gpu_measure.sh eval       # evaluation throughput and each benchmark's projected time
 #   bash scripts/gpu_measure.sh startup    # python -m nas_jax.train as a user runs it: start-up,
 #                                          # loop rate, checkpoint stalls; cold, then from the cache
-#   bash scripts/gpu_measure.sh scaling    # (2 GPUs) stage-2 step on 1 and 2 GPUs, XLA variants
+#   bash scripts/gpu_measure.sh scaling    # (2 GPUs) stage-2 step on 1 and 2 GPUs, unrolled and
+#                                          # stacked layouts, the latency-hiding scheduler (~12 min:
+#                                          # more than one 10-minute device call)
 #   bash scripts/gpu_measure.sh fp8        # model.fp8: stage-2 step bf16 vs FP8, and two short
 #                                          # trainings' losses side by side (fp8_curves.md)
 #   bash scripts/gpu_measure.sh kernels    # LayerNorm / attention / GELU kernels: ours vs tokamax
@@ -77,10 +79,13 @@ case "${1:-}" in
     CUDA_VISIBLE_DEVICES=0 python3 -m nas_jax.bench $B --batch 64 --label "1 GPU" \
         --json_out "$OUT/scaling.jsonl"
     python3 -m nas_jax.bench $B --batch $((64 * n)) --label "$n GPUs" --json_out "$OUT/scaling.jsonl"
+    CUDA_VISIBLE_DEVICES=0 python3 -m nas_jax.bench $B --batch 64 --config.model.stacked_layout=True \
+        --label "1 GPU, stacked" --json_out "$OUT/scaling.jsonl"
+    python3 -m nas_jax.bench $B --batch $((64 * n)) --config.model.stacked_layout=True \
+        --label "$n GPUs, stacked" --json_out "$OUT/scaling.jsonl"
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true" python3 -m nas_jax.bench $B \
-        --batch $((64 * n)) --label "$n GPUs, latency-hiding scheduler" --json_out "$OUT/scaling.jsonl"
-    python3 -m nas_jax.bench $B --batch $((64 * n)) --config.model.scan_layers=True \
-        --label "$n GPUs, scanned layers" --json_out "$OUT/scaling.jsonl"
+        --batch $((64 * n)) --config.model.stacked_layout=True \
+        --label "$n GPUs, stacked, latency-hiding scheduler" --json_out "$OUT/scaling.jsonl"
     ;;
   fp8)
     # (a) The stage-2 step with the layers' matmuls in bf16, then FP8: two full compilations (no
