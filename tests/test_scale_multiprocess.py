@@ -41,7 +41,7 @@ def _free_port() -> int:
 def _train(workdir, total_steps: int, processes: int, sigterm_to: int | None = None,
            evaluate: bool = False) -> list[str]:
   """Runs the CLI in `processes` processes (8 CPU devices in all); returns their outputs.
-  sigterm_to: send SIGTERM to that process only, once its training loop has started."""
+  sigterm_to: send SIGTERM to that process only, once its state is initialised."""
   args = [sys.executable, "-m", "nas_jax.train", "--config", "configs/demo.py:tiny",
           "--workdir", str(workdir), f"--config.total_steps={total_steps}"]
   args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
@@ -65,11 +65,12 @@ def _train(workdir, total_steps: int, processes: int, sigterm_to: int | None = N
   outs = []
   try:
     if sigterm_to is not None:
-      metrics = pathlib.Path(workdir) / "metrics.jsonl"
+      # config.json is written once the state exists; the run's SIGTERM handler has been on since
+      # train() started, so the signal, sent before the first step, stops both after step 1 (or 2,
+      # when it lands while the first step's stop vote is already in flight).
+      written = pathlib.Path(workdir) / "config.json"
       deadline = time.time() + 400
-      # The first row is written once the loop (and its signal handler) runs; the step was compiled
-      # before the loop, so the signal is sent at once and lands a step or two later.
-      while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+      while time.time() < deadline and not written.exists():
         assert all(p.poll() is None for p in procs), "a process ended early"
         time.sleep(0.05)
       procs[sigterm_to].send_signal(signal.SIGTERM)
@@ -106,7 +107,7 @@ def test_two_processes_save_resume_match_one(tmp_path):
   for pid, out in enumerate(first):
     assert f"process {pid}/2, 4 local / 8 global devices (cpu), mesh {{'data': 8, 'fsdp': 1}}" in out
   ckpts = [int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()]
-  assert len(ckpts) == 1 and 1 <= ckpts[0] < steps, ckpts
+  assert len(ckpts) == 1 and 1 <= ckpts[0] < steps, ckpts   # Step 1 or 2: see _train.
   stop = ckpts[0]
   assert f"SIGTERM received: saving step {stop} and exiting" in first[1]
   assert f"a stop request on another process received: saving step {stop} and exiting" in first[0]

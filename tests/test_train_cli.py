@@ -238,3 +238,24 @@ def test_init_from_converted_pytorch_weights(uninterrupted, tmp_path):
   # The ViT was not in the folder: it is the fresh initialisation, not stage 1's weights.
   assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
              for a, b in zip(jax.tree.leaves(params["vit"]), jax.tree.leaves(got["vit"])))
+
+
+def test_preemption_guard_keeps_a_sigterm_from_startup_and_ctrl_c_aborts_it():
+  """A scheduler's SIGTERM during start-up (compilation) is kept for the loop (one step, a save,
+  exit 0); a Ctrl-C before the loop aborts at once, and a second one in the loop too."""
+  from nas_jax import train
+  with train.PreemptionGuard() as guard:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert guard.requested == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+    guard.requested, guard.loop_started = None, True
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert guard.requested == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGTERM) != guard._handle   # Restored on exit.
