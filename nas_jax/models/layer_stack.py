@@ -255,6 +255,6 @@ def to_layout(tree, config):
 
 def to_model_layout(tree, config):
   """`tree` in either layout → the layout `config`'s model applies (stacked only with
-  model.scan_layers). Traceable: inside a jitted step the layer slices of stacked params fuse into
-  their first use (the bf16 casts), so they cost no pass of their own."""
+  model.scan_layers). Traceable: inside a jitted step XLA can fuse the layer slices of stacked
+  params into their first use (the bf16 casts)."""
   return stack_layers(tree, config) if scan_enabled(config) else unstack_layers(tree)
