@@ -105,8 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
                           # authors' code after stage 1; the paper updates it throughout).
   ))
   c.model.dtype = 'float32'          # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
-  c.model.attention = 'xla'          # 'xla' | 'cudnn' | 'auto' (cudnn on GPU with bf16, else xla).
-                                     # cuDNN has no attention-probability dropout (BERT's 0.1).
+  c.model.attention = 'xla'          # 'xla' | 'cudnn' | 'tokamax' | 'auto' (cudnn on GPU with
+                                     # bf16, else xla). cuDNN and tokamax (optional extra; Triton
+                                     # flash kernel on GPUs) have no attention-probability dropout
+                                     # (BERT's 0.1).
   c.model.vit_attention = ''         # Override for the ViT only ('' = model.attention); the
                                      # ViT has no dropout, so 'auto' there changes nothing but speed.
   c.model.remat = False              # Rematerialise each transformer layer.

@@ -13,6 +13,10 @@
 #   bash scripts/gpu_measure.sh fp8        # model.fp8: stage-2 step bf16 vs FP8, and two short
 #                                          # trainings' losses side by side (fp8_curves.md)
 #   bash scripts/gpu_measure.sh kernels    # LayerNorm / attention / GELU kernels: ours vs tokamax
+#   bash scripts/gpu_measure.sh tokamax    # stage-2 step with model.attention=tokamax (text and
+#                                          # fusion layers) beside cudnn
+#   bash scripts/gpu_measure.sh fusions    # tokamax step with XLA's gemm-fusion variants (GELU
+#                                          # form, cuBLAS only, Triton for every dot), HLO counted
 #
 # Results go to $OUT (default runs/gpu_out). Wheels the machine lacks (grain, ml_collections,
 # array_record, tensorboardX, portpicker; for `kernels` tokamax and its dependencies, listed in
@@ -29,6 +33,18 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/runs/jax_cach
 OUT=${OUT:-runs/gpu_out}
 mkdir -p "$OUT" runs
 SECONDS_LEFT=${SECONDS_LEFT:-540}
+
+tokamax_env() {
+  # tokamax imports xprof.cli.tools at the top level for its own profiler timing (unused here),
+  # and xprof is not carried: an empty stub package stands in for it on this machine only.
+  # jax_triton is not needed by the Pallas attention kernel and is left out.
+  rm -rf /tmp/site/jax_triton*
+  mkdir -p /tmp/xprof_stub/xprof/cli
+  touch /tmp/xprof_stub/xprof/__init__.py /tmp/xprof_stub/xprof/cli/__init__.py
+  echo "get_kernel_stats_tool = None  # stub (scripts/gpu_measure.sh)" > /tmp/xprof_stub/xprof/cli/tools.py
+  echo "[gpu_measure] xprof is a stub here: /tmp/xprof_stub"
+  export PYTHONPATH=${PYTHONPATH:-$PWD}:/tmp/xprof_stub
+}
 
 case "${1:-}" in
   ablation)
@@ -136,8 +152,52 @@ case "${1:-}" in
     timeout -s INT 170 python3 scripts/kernel_bench.py --json_out "$OUT/kernels.jsonl" \
         | tee "$OUT/kernels.md"
     ;;
+  tokamax)
+    # The stage-2 step (stage2.py: stacked layout, ViT on cuDNN) with the text and fusion layers'
+    # attention on cuDNN, then on tokamax's Pallas-Triton kernel.
+    tokamax_env
+    B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3"
+    for attn in ${ATTENTION:-cudnn tokamax}; do
+      python3 -m nas_jax.bench $B --config.model.attention=$attn \
+          --label "stage2 attention=$attn" --json_out "$OUT/tokamax.jsonl" \
+          || echo "[tokamax] the attention=$attn bench failed: see above" >&2
+    done
+    ;;
+  fusions)
+    # XLA's own gemm fusions with tokamax attention: the exact GELU (default), the tanh GELU
+    # (cuBLASLt has a GELU epilogue for this form only), the tanh GELU with cuBLAS alone (Triton
+    # gemm autotuning off), and Triton gemm fusions for every dot. Each variant's optimised
+    # train-step HLO is dumped, and fusions.txt counts its cuBLASLt epilogues and fusion kinds.
+    tokamax_env
+    B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax"
+    T="--config.model.vit.gelu=tanh --config.model.bert.gelu=tanh"
+    variant() {  # name, XLA flags, extra bench flags...
+      local name=$1 flags=$2; shift 2
+      rm -rf "runs/hlo_$name"
+      XLA_FLAGS="${XLA_FLAGS:-} $flags --xla_dump_to=runs/hlo_$name --xla_dump_hlo_module_re=train_step" \
+          JAX_ENABLE_COMPILATION_CACHE=false python3 -m nas_jax.bench $B "$@" \
+          --label "stage2 tokamax $name" --json_out "$OUT/fusions.jsonl" \
+          || echo "[fusions] $name failed: see above" >&2
+      for hlo in runs/hlo_$name/*train_step*after_optimizations.txt; do
+        [ -f "$hlo" ] || continue
+        { echo "$name: $(basename "$hlo")"
+          grep -o '"epilogue":"[A-Z_]*"' "$hlo" | sort | uniq -c || true
+          grep -o 'custom_call_target="[^"]*"' "$hlo" | sort | uniq -c || true
+          grep -o '"kind":"__[a-z_]*"' "$hlo" | sort | uniq -c || true
+        } | tee -a "$OUT/fusions.txt"
+      done
+    }
+    for v in ${VARIANTS:-exact tanh tanh_cublas exact_triton_any}; do
+      case $v in
+        exact) variant exact "" ;;
+        tanh) variant tanh "" $T ;;
+        tanh_cublas) variant tanh_cublas "--xla_gpu_enable_triton_gemm=false" $T ;;
+        exact_triton_any) variant exact_triton_any "--xla_gpu_triton_gemm_any=true" ;;
+      esac
+    done
+    ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions" >&2
     exit 2
     ;;
 esac

@@ -90,7 +90,7 @@ def test_dropout_without_rng_is_an_error(qkv):
 
 def test_bad_arguments_are_clear_errors(qkv):
   q, k, v = qkv
-  with pytest.raises(ValueError, match=r"'flash' is not one of \('xla', 'cudnn'\)"):
+  with pytest.raises(ValueError, match=r"'flash' is not one of \('xla', 'cudnn', 'tokamax'\)"):
     dot_product_attention(q, k, v, implementation="flash")
   with pytest.raises(ValueError, match="cuDNN attention needs bfloat16.*model.dtype='bfloat16'"):
     dot_product_attention(q, k, v, implementation="cudnn")

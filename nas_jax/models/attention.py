@@ -11,6 +11,12 @@ One helper over `jax.nn.dot_product_attention` with a switch for the implementat
   **off** on this path (hidden-state dropout elsewhere is unaffected). A key mask is turned into
   per-example key lengths, so on this path it must be a right-padding mask (ones, then zeros), which
   is what the tokenizer produces.
+* `'tokamax'`: `tokamax.dot_product_attention` (the optional extra `pip install -e '.[tokamax]'`),
+  its Pallas-Triton flash kernel on a GPU (faster than cuDNN for the text's 26 tokens and the
+  fusion's 26 queries × 258 image keys, docs/PERF.md), its XLA one elsewhere. Any length, any dtype;
+  key masks become key lengths and attention dropout is off, as on 'cudnn'. Under a mesh
+  (`jax.set_mesh`) the kernel runs per batch shard (`shard_map` over the batch axes), since XLA
+  cannot partition a Pallas call itself.
 
 Softmax is always computed in float32.
 """
@@ -26,7 +32,8 @@ import numpy as np
 
 from nas_jax.models import fp8 as fp8_lib
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "tokamax")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (nas_jax/sharding.py)
 
 
 def _check_implementation(implementation: str) -> None:
@@ -36,8 +43,8 @@ def _check_implementation(implementation: str) -> None:
 
 
 def resolve_implementation(name: str, dtype: Any, backend: str | None = None) -> str:
-  """The config's attention name → 'xla' | 'cudnn'. 'auto' is 'cudnn' on a GPU with bfloat16 or
-  float16 compute, else 'xla' (TPU, CPU, float32). `backend` defaults to jax.default_backend()."""
+  """The config's attention name → 'xla' | 'cudnn' | 'tokamax'. 'auto' is 'cudnn' on a GPU with
+  bfloat16 or float16 compute, else 'xla' (TPU, CPU, float32). `backend` defaults to jax.default_backend()."""
   if name != "auto":
     _check_implementation(name)
     return name
@@ -56,6 +63,64 @@ def _attention_with_dropout(q, k, v, mask, dropout_rate, dropout_rng):
   keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
   probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def _import_tokamax():
+  try:
+    import tokamax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"model.attention='tokamax' needs the tokamax package ({e}): install it with "
+                      "pip install -e '.[tokamax]', or use model.attention='cudnn' or 'xla'") from e
+  return tokamax
+
+
+def tokamax_implementation(backend: str | None = None) -> str:
+  """tokamax's kernel for a backend: its Pallas-Triton flash attention on an NVIDIA GPU (faster
+  than its Mosaic GPU one at these lengths, docs/PERF.md), its XLA one elsewhere."""
+  return "triton" if (backend or jax.default_backend()) in ("gpu", "cuda") else "xla"
+
+
+def _key_lengths(key_mask: jax.Array | None, key_lengths: jax.Array | None) -> jax.Array | None:
+  """[B] int32 number of valid keys from a right-padding mask and/or lengths (None: all valid)."""
+  lengths = None
+  if key_mask is not None:
+    lengths = jnp.sum(key_mask.astype(jnp.int32), axis=-1)
+  if key_lengths is not None:
+    key_lengths = key_lengths.astype(jnp.int32)
+    lengths = key_lengths if lengths is None else jnp.minimum(lengths, key_lengths)
+  return lengths
+
+
+def _batch_axes_of_mesh(batch: int) -> tuple[str, ...]:
+  """The batch axes (size > 1) of the mesh set with `jax.set_mesh` that split `batch` rows
+  evenly; () outside a mesh or for a batch they do not split (the 1-row init pass)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  return axes if batch % int(np.prod([mesh.shape[a] for a in axes])) == 0 else ()
+
+
+def tokamax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      lengths: jax.Array | None) -> jax.Array:
+  """tokamax's attention of q [B, Tq, H, Dh] over k, v [B, Tk, H, Dh], keys >= lengths[b]
+  masked; per batch shard under a mesh."""
+  tokamax = _import_tokamax()
+  impl = tokamax_implementation()
+  q, k, v = (jnp.asarray(x) for x in (q, k, v))  # tokamax type-checks for jax Arrays.
+  if lengths is None:
+    lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+
+  def attend(q, k, v, lengths):
+    return tokamax.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                         implementation=impl)
+
+  axes = _batch_axes_of_mesh(q.shape[0])
+  if not axes:
+    return attend(q, k, v, lengths)
+  spec = jax.sharding.PartitionSpec(axes)
+  return jax.shard_map(attend, in_specs=(spec,) * 4, out_specs=spec,
+                       check_vma=False)(q, k, v, lengths)
 
 
 def _pad_axis1(x: jax.Array, length: int) -> jax.Array:
@@ -78,9 +143,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       right-padding mask (it becomes `key_value_seq_lengths = key_mask.sum(-1)`).
     key_lengths: optional int [B], number of valid keys (keys at index >= length are masked).
       Cheaper than `key_mask` on cuDNN; may be combined with it on 'xla'.
-    implementation: 'xla' or 'cudnn'.
+    implementation: 'xla', 'cudnn' or 'tokamax'.
     dropout_rate: attention-probability dropout, applied on 'xla' only when not deterministic.
-      On 'cudnn' it is ignored (the kernel has none; documented choice: dropout off).
+      On 'cudnn' and 'tokamax' it is ignored (the kernels have none; documented choice: dropout
+      off).
     deterministic: True in evaluation; no dropout.
     dropout_rng: PRNG key, required when dropout is applied.
 
@@ -97,12 +163,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"cuDNN attention needs bfloat16 or float16 inputs, got {q.dtype}: set "
                        "model.dtype='bfloat16' or use model.attention='xla'")
-    lengths = None
-    if key_mask is not None:
-      lengths = jnp.sum(key_mask.astype(jnp.int32), axis=-1)
-    if key_lengths is not None:
-      key_lengths = key_lengths.astype(jnp.int32)
-      lengths = key_lengths if lengths is None else jnp.minimum(lengths, key_lengths)
+    lengths = _key_lengths(key_mask, key_lengths)
     # The cuDNN backward pass rejects odd lengths: pad to even and mask the pad.
     tq_even, tk_even = tq + tq % 2, tk + tk % 2
     if tk_even != tk:
@@ -114,6 +175,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                        implementation="cudnn")
     return out[:, :tq]
+  if implementation == "tokamax":
+    return tokamax_attention(q, k, v, _key_lengths(key_mask, key_lengths))
 
   mask = None
   if key_mask is not None:
@@ -141,7 +204,7 @@ class MultiHeadAttention(nn.Module):
     num_heads: H; `features` must be divisible by it.
     features: D, the query/output width.
     dtype: compute dtype (params float32).
-    implementation: 'xla' | 'cudnn' (see `dot_product_attention`).
+    implementation: 'xla' | 'cudnn' | 'tokamax' (see `dot_product_attention`).
     dropout_rate: attention-probability dropout (train only, 'xla' only).
     fused_qkv, out_proj: layout switches above.
     kernel_init: initializer of the projection kernels.
