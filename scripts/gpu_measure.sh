@@ -17,6 +17,8 @@
 #                                          # fusion layers) beside cudnn
 #   bash scripts/gpu_measure.sh fusions    # tokamax step with XLA's gemm-fusion variants (GELU
 #                                          # form, cuBLAS only, Triton for every dot), HLO counted
+#   bash scripts/gpu_measure.sh best       # the fastest settings: a training run as a user runs
+#                                          # it, then (PROFILE=0: not) the bench with a profile
 #
 # Results go to $OUT (default runs/gpu_out). Wheels the machine lacks (grain, ml_collections,
 # array_record, tensorboardX, portpicker; for `kernels` tokamax and its dependencies, listed in
@@ -165,8 +167,9 @@ case "${1:-}" in
     ;;
   fusions)
     # XLA's own gemm fusions with tokamax attention: the exact GELU (default), the tanh GELU
-    # (cuBLASLt has a GELU epilogue for this form only), the tanh GELU with cuBLAS alone (Triton
-    # gemm autotuning off), and Triton gemm fusions for every dot. Each variant's optimised
+    # (cuBLASLt has a GELU epilogue for this form only), either with cuBLAS alone (Triton gemm
+    # autotuning off: XLA's gemm rewriter then fuses bias and GELU epilogues), and Triton gemm
+    # fusions for every dot. Each variant's optimised
     # train-step HLO is dumped, and fusions.txt counts its cuBLASLt epilogues and fusion kinds.
     tokamax_env
     B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax"
@@ -187,17 +190,43 @@ case "${1:-}" in
         } | tee -a "$OUT/fusions.txt"
       done
     }
-    for v in ${VARIANTS:-exact tanh tanh_cublas exact_triton_any}; do
+    for v in ${VARIANTS:-exact tanh tanh_cublas exact_cublas exact_triton_any}; do
       case $v in
         exact) variant exact "" ;;
         tanh) variant tanh "" $T ;;
         tanh_cublas) variant tanh_cublas "--xla_gpu_enable_triton_gemm=false" $T ;;
+        exact_cublas) variant exact_cublas "--xla_gpu_enable_triton_gemm=false" ;;
         exact_triton_any) variant exact_triton_any "--xla_gpu_triton_gemm_any=true" ;;
       esac
     done
     ;;
+  best)
+    # The fastest settings measured (docs/PERF.md): tokamax attention in the text and fusion
+    # layers, tanh GELU, cuBLAS gemms (Triton gemm autotuning off, so XLA's gemm rewriter fuses
+    # the bias and tanh-GELU epilogues). (a) python -m nas_jax.train as a user runs it: the full
+    # stage-2 model on the synthetic world, batch 64, 300 steps, a save every 100. (b) the bench
+    # with a profile (command buffers off, so kernels are attributed to ops): top_ops.md.
+    tokamax_env
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false"
+    F="--config.model.attention=tokamax --config.model.vit.gelu=tanh --config.model.bert.gelu=tanh"
+    rm -rf runs/best
+    t0=$(date +%s.%N)
+    python3 -m nas_jax.train --config configs/stage1.py --config.stage=2 --config.nva.enabled=True \
+        --config.data.source=synthetic --config.data.vocab=synthetic --config.data.batch_size=64 \
+        --config.data.num_workers=12 --config.data.image_dtype=uint8 $F \
+        --config.total_steps=300 --config.checkpoint.every=100 --config.log_every=20 \
+        --config.eval.enabled=False --config.stage2_steps=0 --workdir runs/best/train \
+        2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/best_train.log"
+    echo "train: process wall $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"
+    python3 -m nas_jax.metrics_writer --summary runs/best/train | tee "$OUT/best_summary.md"
+    [ "${PROFILE:-1}" = 1 ] || exit 0
+    XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=" python3 -m nas_jax.bench \
+        --config configs/stage2.py --batch 64 --steps 25 --warmup 3 $F \
+        --label "stage2 best, profiled" --json_out "$OUT/best.jsonl" --profile_dir runs/best/prof
+    cp runs/best/prof/top_ops.md "$OUT/best_top_ops.md" 2>/dev/null || true
+    ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|best" >&2
     exit 2
     ;;
 esac
