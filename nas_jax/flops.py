@@ -31,10 +31,6 @@ ITC width E, queue Q, batch B (G device groups, b = B / G); VD size m, code widt
 
 Step = momentum forward (ViT, text, MLM: text + fusion + head; 1x)
      + online (ViT, text, projections, VD, k ITM fusion passes, ITM head, MLM; 3x)
-     where the k ITM pair groups read s image sets (the positive's tokens, the negative images,
-     NVA's tokens; the negative-text and text-negative groups read the positive's): the fusion
-     layers' key/value products (4 Ni Dv D each) are counted once per set, not per group, as
-     `NASModel.fuse_groups` computes them
      + ITC similarities (online 3x, momentum-target 1x) + hard-negative sims + VD distances (1x).
 """
 
@@ -115,18 +111,11 @@ def text_forward(bert: ml_collections.ConfigDict, length: int) -> float:
   return bert.fusion_layer * text_layer(bert, length)
 
 
-def image_kv_forward(bert: ml_collections.ConfigDict, image_tokens: int, image_width: int) -> float:
-  """The fusion layers' key and value products of one image's tokens."""
-  return (bert.num_layers - bert.fusion_layer) * 4 * image_tokens * image_width * bert.hidden_size
-
-
 def fusion_forward(bert: ml_collections.ConfigDict, length: int, image_tokens: int,
                    image_width: int) -> float:
-  """One text over one image's tokens, their keys and values included."""
   d = bert.hidden_size
-  cross = 2 * length * d * d * 2 + 4 * length * image_tokens * d
-  return ((bert.num_layers - bert.fusion_layer) * (text_layer(bert, length) + cross)
-          + image_kv_forward(bert, image_tokens, image_width))
+  cross = 2 * length * d * d * 2 + 4 * image_tokens * image_width * d + 4 * length * image_tokens * d
+  return (bert.num_layers - bert.fusion_layer) * (text_layer(bert, length) + cross)
 
 
 def mlm_head_forward(bert: ml_collections.ConfigDict, length: int) -> float:
@@ -160,8 +149,6 @@ def step_flops(config: ml_collections.ConfigDict, batch_size: int | None = None,
   fusion = fusion_forward(bert, length, t, dv)
   mlm_fwd = text + fusion + mlm_head_forward(bert, length) if mlm else 0.0
   groups = 3 + int(use_nva) + int(c.itm.text_negatives)
-  image_sets = 2 + int(use_nva)
-  kv = image_kv_forward(bert, t, dv)
 
   parts = [
       # Momentum model, no gradient.
@@ -192,8 +179,7 @@ def step_flops(config: ml_collections.ConfigDict, batch_size: int | None = None,
                    1)]
   if c.itm.text_negatives:
     parts.append(Part("text (hard-negative captions)", text, 3))
-  parts += [Part(f"itm fusion ({groups} pair groups over {image_sets} image sets)",
-                 groups * (fusion - kv) + image_sets * kv, 3),
+  parts += [Part(f"itm fusion ({groups} pair groups)", groups * fusion, 3),
             Part("itm head", groups * 2 * d * 2, 3)]
   if mlm:
     parts.append(Part("mlm (text + fusion + head)", mlm_fwd, 3))

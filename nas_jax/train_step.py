@@ -247,43 +247,41 @@ def online_losses(m: NASModel, spec: StepSpec, batch, mlm_ids, mlm_labels, feats
   else:
     image_tokens = img["embeds"]
 
-  # -- FGITM pair groups, in the order of objectives.itm_group_names. Each group names the image
-  # set its cross-attention reads (`image_sets`): the positive, the negative-text and the
-  # text-negative groups all read the same dictionary tokens, whose per-layer keys and values
-  # the fusion pass then projects once (NASModel.fuse_groups).
+  # -- FGITM pair groups, in the order of objectives.itm_group_names.
   g = spec.num_groups
   neg_img, neg_txt = hard_negatives(keys["neg"], {"image": img["feat"], "text": txt["feat"]},
                                     feats_m, image_id, temp, g)
-  image_sets = [image_tokens, take_grouped(image_tokens, neg_img, g)]
-  pair_set = [0, 1, 0]
+  pair_img = [image_tokens, take_grouped(image_tokens, neg_img, g), image_tokens]
   pair_txt = [txt["embeds"], txt["embeds"], take_grouped(txt["embeds"], neg_txt, g)]
   pair_mask = [mask, mask, take_grouped(mask, neg_txt, g)]
   if c.nva.enabled:
     fg_tokens, replaced = m.nva_tokens(keys["nva"], img["embeds"], txt["embeds"][:, 0], vd,
                                        nva.Settings.of(c.nva))
-    image_sets.append(fg_tokens)
-    pair_set.append(len(image_sets) - 1)
+    pair_img.append(fg_tokens)
     pair_txt.append(txt["embeds"])
     pair_mask.append(mask)
     metrics["nva_replaced_frac"] = jnp.mean(replaced.astype(jnp.float32))
   if c.itm.text_negatives:
     fg_text = m.encode_text(batch["neg_text_ids"], batch["neg_text_mask"], train=True)
-    pair_set.append(0)
+    pair_img.append(image_tokens)
     pair_txt.append(fg_text["embeds"])
     pair_mask.append(batch["neg_text_mask"])
-  k = len(pair_set)
+  k = len(pair_img)
 
   # -- MLM on the full BERT (masked text, cross-attention to the continuous image embeddings).
   # Its fusion pass joins the ITM pairs as one more row group, so that each fusion layer runs
   # one set of [B·(k+1)] matmuls: as two calls, XLA merges their matmuls anyway, copying both
-  # inputs together in every layer (docs/PERF.md).
+  # inputs together in every layer (docs/PERF.md). Row groups stay device-local (interleave).
   if c.mlm.enabled:
-    image_sets.append(img["embeds"])
-    pair_set.append(len(image_sets) - 1)
+    pair_img.append(img["embeds"])
     pair_txt.append(m.bert.text(mlm_ids, mask, train=True))
     pair_mask.append(mask)
-  fused = m.fuse_groups(pair_txt, pair_mask, image_sets, pair_set, train=True)
-  itm_logits = m.itm_logits(interleave(*(f[:, :1] for f in fused[:k])))  # [B*k, 2]
+  # The image tokens in the compute dtype before they are copied into pair order.
+  dtype = compute_dtype(c.model.dtype)
+  pair_img = [t.astype(dtype) for t in pair_img]
+  fused = m.fuse(interleave(*pair_txt), interleave(*pair_mask), interleave(*pair_img), train=True)
+  fused = fused.reshape((-1, len(pair_img)) + fused.shape[1:])           # [B, groups, L, D]
+  itm_logits = m.itm_logits(fused[:, :k].reshape((-1,) + fused.shape[2:]))  # [B*k, 2]
   itm_labels = interleave(*([jnp.ones_like(image_id)] + [jnp.zeros_like(image_id)] * (k - 1)))
   loss_itm, itm_acc = objectives.itm_loss(itm_logits, itm_labels)
   # Accuracy per pair group: which negatives the matching head already rejects.
@@ -292,7 +290,7 @@ def online_losses(m: NASModel, spec: StepSpec, batch, mlm_ids, mlm_labels, feats
   metrics.update({f"itm_acc_{name}": acc for name, acc in zip(names, correct.mean(0))})
 
   if c.mlm.enabled:
-    loss_mlm = objectives.mlm_loss(m.mlm_logits(fused[k]), mlm_labels, logits_m, alpha)
+    loss_mlm = objectives.mlm_loss(m.mlm_logits(fused[:, k]), mlm_labels, logits_m, alpha)
   else:
     loss_mlm = jnp.zeros((), jnp.float32)
 

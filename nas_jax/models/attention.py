@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,27 +34,6 @@ from nas_jax.models import fp8 as fp8_lib
 
 IMPLEMENTATIONS = ("xla", "cudnn", "tokamax")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (nas_jax/sharding.py)
-
-
-@flax.struct.dataclass
-class ImageSets:
-  """Cross-attention inputs shared by groups of query rows (the fusion encoder's ITM pair groups).
-
-  The queries are [B·k, L, ...] with k = sum(rows_per_set), in per-image blocks: row b·k + j is
-  image b's j-th row. The first rows_per_set[0] rows of each block attend to tokens[0][b], the next
-  rows_per_set[1] to tokens[1][b], and so on. Rows that read the same image tokens share their
-  keys and values: they are projected once per set (not once per row), and those rows' queries
-  are attended as one longer query sequence [B, rows·L] against them, which is exact (each query
-  row attends on its own).
-
-  tokens: per set [B, Ni, Dv] image tokens. rows_per_set: static, one count per set.
-  """
-  tokens: tuple[jax.Array, ...]
-  rows_per_set: tuple[int, ...] = flax.struct.field(pytree_node=False)
-
-  def map(self, fn) -> "ImageSets":
-    """The same sets with `fn` applied to each [B, Ni, Dv] token array."""
-    return self.replace(tokens=tuple(fn(t) for t in self.tokens))
 
 
 def _check_implementation(implementation: str) -> None:
@@ -258,8 +236,7 @@ class MultiHeadAttention(nn.Module):
   def attend(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
              key_mask: jax.Array | None = None, key_lengths: jax.Array | None = None,
              deterministic: bool = True) -> jax.Array:
-    """inputs_q [B, Tq, D], inputs_kv [B, Tk, Dkv] (None = self-attention) or `ImageSets`
-    (cross-attention shared by row groups) -> [B, Tq, D]."""
+    """inputs_q [B, Tq, D], inputs_kv [B, Tk, Dkv] (None = self-attention) -> [B, Tq, D]."""
     heads = self.num_heads
     split = lambda x: x.reshape(x.shape[:2] + (heads, self.features // heads))
     if self.fused_qkv:
@@ -271,44 +248,16 @@ class MultiHeadAttention(nn.Module):
       qkv = self.qkv(inputs_q)
       qkv = qkv.reshape(qkv.shape[:2] + (3, heads, self.features // heads))
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    elif isinstance(inputs_kv, ImageSets):
-      q = split(self.query(inputs_q))
-      out = self._attend_image_sets(q, inputs_kv, key_mask, key_lengths, deterministic, split)
-      out = out.reshape(out.shape[:2] + (self.features,))
-      return self.proj(out) if self.out_proj else out
     else:
       inputs_kv = inputs_q if inputs_kv is None else inputs_kv
       q, k, v = split(self.query(inputs_q)), split(self.key(inputs_kv)), split(self.value(inputs_kv))
-    out = self._attention(q, k, v, key_mask, key_lengths, deterministic)
-    out = out.reshape(out.shape[:2] + (self.features,))
-    return self.proj(out) if self.out_proj else out
-
-  def _attention(self, q, k, v, key_mask, key_lengths, deterministic):
     use_dropout = self.dropout_rate > 0.0 and not deterministic and self.implementation == "xla"
-    return dot_product_attention(
+    out = dot_product_attention(
         q, k, v, key_mask=key_mask, key_lengths=key_lengths, implementation=self.implementation,
         dropout_rate=self.dropout_rate, deterministic=not use_dropout,
         dropout_rng=self.make_rng("dropout") if use_dropout else None)
-
-  def _attend_image_sets(self, q, sets: ImageSets, key_mask, key_lengths, deterministic, split):
-    """q [B·k, L, H, Dh] over `sets` (see ImageSets); key_mask [B, Ni] / key_lengths [B] apply
-    to every set. Returns [B·k, L, H, Dh]."""
-    rows = sum(sets.rows_per_set)
-    if q.shape[0] % rows:
-      raise ValueError(f"{q.shape[0]} query rows do not split into blocks of {rows} "
-                       f"(ImageSets.rows_per_set={sets.rows_per_set})")
-    batch, length = q.shape[0] // rows, q.shape[1]
-    blocks = q.reshape((batch, rows) + q.shape[1:])          # [B, k, L, H, Dh]
-    outs, start = [], 0
-    for tokens, count in zip(sets.tokens, sets.rows_per_set):
-      if tokens.shape[0] != batch:
-        raise ValueError(f"image set of {tokens.shape[0]} rows for {batch} images of queries")
-      q_set = blocks[:, start:start + count].reshape((batch, count * length) + q.shape[2:])
-      out = self._attention(q_set, split(self.key(tokens)), split(self.value(tokens)), key_mask,
-                            key_lengths, deterministic)
-      outs.append(out.reshape((batch, count, length) + q.shape[2:]))
-      start += count
-    return jnp.concatenate(outs, axis=1).reshape(q.shape)
+    out = out.reshape(out.shape[:2] + (self.features,))
+    return self.proj(out) if self.out_proj else out
 
   def __call__(self, inputs_q, inputs_kv=None, *, key_mask=None, key_lengths=None,
                deterministic=True):

@@ -28,7 +28,7 @@ import ml_collections
 from nas_jax.models import fp8 as fp8_lib
 from nas_jax.models import layer_stack
 from nas_jax.models.activations import gelu
-from nas_jax.models.attention import ImageSets, MultiHeadAttention
+from nas_jax.models.attention import MultiHeadAttention
 
 def _normal(config):
   """BERT's normal(initializer_range) init (0.02; larger helps small from-scratch models)."""
@@ -274,9 +274,8 @@ class BertModel(nn.Module):
       hidden: [B, L, D] text-encoder output.
       mask: [B, L] text padding mask.
       image_tokens: [B, Ni, Dv] image tokens attended to by cross-attention (continuous ViT tokens,
-        or NAS's dictionary tokens), one row per text row; or `ImageSets` whose sets several
-        text rows read (hidden [B·k, L, D] in per-image blocks, models/attention.py).
-      image_mask: optional [B, Ni] (the image rows'), 1 = attend; None attends to all.
+        or NAS's dictionary tokens).
+      image_mask: optional [B, Ni], 1 = attend; None attends to all.
       train: enables dropout.
 
     Returns:
@@ -284,17 +283,13 @@ class BertModel(nn.Module):
     """
     length = hidden.shape[1]
     x, mask = self._even_length(hidden, mask)
-    # Keys/values of every fusion layer read the image tokens in the compute dtype: cast once
-    # (and pad once for cuDNN, which needs even lengths).
-    sets = image_tokens if isinstance(image_tokens, ImageSets) else None
-    first = sets.tokens[0] if sets is not None else image_tokens
-    cast = lambda t: t.astype(self.dtype)
-    if self.attention == "cudnn" and first.shape[1] % 2:
+    # Keys/values of every fusion layer read the image tokens in the compute dtype: cast once.
+    image_tokens = image_tokens.astype(self.dtype)
+    if self.attention == "cudnn" and image_tokens.shape[1] % 2:
+      rows = x.shape[0]
       if image_mask is None:
-        image_mask = jnp.ones(first.shape[:2], jnp.int32)
-      image_mask = jnp.pad(image_mask, ((0, 0), (0, 1)))
-      cast = lambda t: jnp.pad(t.astype(self.dtype), ((0, 0), (0, 1), (0, 0)))
-    image_tokens = sets.map(cast) if sets is not None else cast(image_tokens)
+        image_mask = jnp.ones((rows, image_tokens.shape[1]), jnp.int32)
+      image_tokens, image_mask = self._even_length(image_tokens, image_mask)
     x = self._layers(True, x, mask, image_tokens, image_mask, not train)
     return x[:, :length]
 

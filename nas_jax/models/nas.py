@@ -11,7 +11,6 @@ parameters or, given the momentum tree, on the momentum encoders (`vit`, `bert`,
   tokens_from_codes(image_embeds, aux, codes, replaced, codebook) → [B,1+N,D]  (its tokens)
   image_tokens_for_fusion(image_embeds)   → VD tokens (use_dictionary) or the ViT tokens (ALBEF)
   fuse(text_embeds, text_mask, image_tokens) → [B,L,D]
-  fuse_groups(texts, masks, image_sets, set_of_group) → k × [B,L,D] (one pass; shared image sets)
   itm_logits(fused) → [B,2] float32;  mlm_logits(fused) → [B,L,V] float32
 
 The ITC temperature is not a Flax parameter of this module: it is the scalar `params['temp']`
@@ -21,15 +20,13 @@ same module without carrying it.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
 from nas_jax import nva
-from nas_jax.models.attention import ImageSets, resolve_implementation
+from nas_jax.models.attention import resolve_implementation
 from nas_jax.models.bert import BertModel
 from nas_jax.models.dictionary import VisualDictionary
 from nas_jax.models.vit import VisionTransformer
@@ -131,29 +128,6 @@ class NASModel(nn.Module):
            train: bool = False) -> jax.Array:
     """Fusion encoder (`BertModel.fuse`): [B, L, D] text, [B, L] mask, [B, Ni, Dv] → [B, L, D]."""
     return self.bert.fuse(text_embeds, text_mask, image_tokens, train=train)
-
-  def fuse_groups(self, texts: Sequence[jax.Array], masks: Sequence[jax.Array],
-                  image_sets: Sequence[jax.Array], set_of_group: Sequence[int], *,
-                  train: bool = False) -> list[jax.Array]:
-    """One fusion pass over several pair groups (FGITM's positive and negatives, MLM).
-
-    Group j is texts[j] [B, L, D] with masks[j] [B, L] attending to image_sets[set_of_group[j]]
-    [B, Ni, Dv]. All groups run as one [B·k, L, D] batch in per-image blocks (each device keeps
-    its own rows); groups that read the same image set share its per-layer keys and values
-    (`attention.ImageSets`), so a set is projected once however many groups read it. Exact: the
-    same function as one `fuse` per group. Returns the k outputs [B, L, D] in the given order.
-    """
-    order = sorted(range(len(texts)), key=lambda j: set_of_group[j])   # stable: ties keep order
-    used = sorted(set(set_of_group))
-    sets = ImageSets(tuple(image_sets[s] for s in used),
-                     tuple(sum(1 for j in order if set_of_group[j] == s) for s in used))
-    block = lambda xs: jnp.stack([xs[j] for j in order], axis=1).reshape((-1,) + xs[0].shape[1:])
-    fused = self.bert.fuse(block(texts), block(masks), sets, train=train)
-    fused = fused.reshape((-1, len(order)) + fused.shape[1:])
-    out = [None] * len(texts)
-    for position, j in enumerate(order):
-      out[j] = fused[:, position]
-    return out
 
   def itm_logits(self, fused: jax.Array) -> jax.Array:
     return self.itm_head(fused[:, 0].astype(jnp.float32))
