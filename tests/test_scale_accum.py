@@ -14,7 +14,8 @@ from step_utils import assert_params_close, build, fixed_batch, tiny_config
 K, G = 4, 2
 
 
-@pytest.fixture(scope="module")
+# Session scope: a whole run, made once per xdist worker however it interleaves modules.
+@pytest.fixture(scope="session")
 def runs():
   base = {"model.bert.hidden_dropout": 0.0, "model.bert.attention_dropout": 0.0,
           "nva.enabled": False, "model.use_dictionary": True, "itm.text_negatives": True,

@@ -50,11 +50,11 @@ def _run(fsdp: int, batch, steps: int = 3):
     for _ in range(steps):
       state, m = f(state, sharding.host_to_global(batch, mesh))
       metrics.append(jax.device_get(m))
-  specs = jax.tree.map(lambda x: x.sharding.spec, state)
-  return mesh, jax.device_get(state), metrics, specs
+  return mesh, jax.device_get(state), metrics
 
 
-@pytest.fixture(scope="module")
+# Session scope: a whole run, made once per xdist worker however it interleaves modules.
+@pytest.fixture(scope="session")
 def runs():
   assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
   batch = fixed_batch(_config(1))
@@ -63,8 +63,8 @@ def runs():
 
 @pytest.mark.parametrize("fsdp", [4])
 def test_fsdp_matches_data_parallel(runs, fsdp):
-  _, s_dp, m_dp, _ = runs[1]
-  mesh, s_f, m_f, _ = runs[fsdp]
+  _, s_dp, m_dp = runs[1]
+  mesh, s_f, m_f = runs[fsdp]
   assert dict(mesh.shape) == {"data": 8 // fsdp, "fsdp": fsdp}
   for a, b in zip(m_dp, m_f):
     for k in ("loss", "loss_itc", "loss_mlm", "loss_itm", "itm_acc", "grad_norm",
@@ -120,12 +120,15 @@ def _assert_large_leaves_split(state, specs) -> tuple[int, int]:
   return split, stacked
 
 
-def test_fsdp_shards_large_leaves_only(runs):
+def test_fsdp_shards_large_leaves_only():
+  """The rules on the scanned layout's state (the steps above run under exactly these shardings:
+  they are the jitted step's in_shardings and out_shardings)."""
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-  _, state, _, specs = runs[4]
-  _, _, _, specs_dp = runs[1]
+  state, _, _, shardings = _build_sharded(_config(4))
+  _, _, _, shardings_dp = _build_sharded(_config(1))
+  specs_dp = jax.tree.map(lambda x: x.spec, shardings_dp)
   assert all("fsdp" not in tuple(s) for s in jax.tree.leaves(specs_dp, is_leaf=is_spec))
-  split, stacked = _assert_large_leaves_split(state, specs)
+  split, stacked = _assert_large_leaves_split(state, jax.tree.map(lambda x: x.spec, shardings))
   assert split > 40 and stacked > 40
 
 

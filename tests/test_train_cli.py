@@ -36,7 +36,8 @@ def _params(workdir, config):
   return jax.tree.leaves(params) + jax.tree.leaves(batch_stats)
 
 
-@pytest.fixture(scope="module")
+# Session scope: a whole run, made once per xdist worker however it interleaves modules.
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory):
   from nas_jax import train
   c = _cfg()
