@@ -169,8 +169,8 @@ case "${1:-}" in
     # XLA's own gemm fusions with tokamax attention: the exact GELU (default), the tanh GELU
     # (cuBLASLt has a GELU epilogue for this form only), either with cuBLAS alone (Triton gemm
     # autotuning off: XLA's gemm rewriter then fuses bias and GELU epilogues), and Triton gemm
-    # fusions for every dot. Each variant's optimised
-    # train-step HLO is dumped, and fusions.txt counts its cuBLASLt epilogues and fusion kinds.
+    # fusions for every dot. Each variant's optimised train-step HLO is dumped, and fusions.txt
+    # counts its cuBLASLt epilogues and fusion kinds.
     tokamax_env
     B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax"
     T="--config.model.vit.gelu=tanh --config.model.bert.gelu=tanh"

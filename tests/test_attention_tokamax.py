@@ -7,12 +7,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nas_jax.models import attention
 from nas_jax.models.attention import dot_product_attention
+from nas_jax.models.bert import BertModel
 
 tokamax = pytest.importorskip("tokamax")
 
@@ -91,8 +93,6 @@ def test_under_a_mesh_the_kernel_sees_one_batch_shard(qkv, monkeypatch):
 def test_bert_through_tokamax_equals_xla():
   """Text and fusion layers (self-attention with padding, cross-attention to image tokens with a
   padding mask) give the same hidden states through tokamax as through XLA (no dropout)."""
-  import ml_collections
-  from nas_jax.models.bert import BertModel
   config = ml_collections.ConfigDict(dict(
       vocab_size=50, hidden_size=32, num_layers=4, fusion_layer=2, num_heads=2,
       intermediate_size=64, max_position_embeddings=16, type_vocab_size=2, layer_norm_eps=1e-12,

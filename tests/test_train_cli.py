@@ -245,18 +245,19 @@ def test_preemption_guard_keeps_a_sigterm_from_startup_and_ctrl_c_aborts_it():
   """A scheduler's SIGTERM during start-up (compilation) is kept for the loop (one step, a save,
   exit 0); a Ctrl-C before the loop aborts at once, and a second one in the loop too."""
   from nas_jax import train
+
+  def send(signum):
+    os.kill(os.getpid(), signum)
+    time.sleep(0.01)   # The handler runs between bytecodes of this thread.
+
   with train.PreemptionGuard() as guard:
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.01)
+    send(signal.SIGTERM)
     assert guard.requested == "SIGTERM"
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.01)
+      send(signal.SIGINT)
     guard.requested, guard.loop_started = None, True
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.01)
+    send(signal.SIGINT)
     assert guard.requested == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.01)
+      send(signal.SIGINT)
   assert signal.getsignal(signal.SIGTERM) != guard._handle   # Restored on exit.

@@ -13,8 +13,8 @@ One helper over `jax.nn.dot_product_attention` with a switch for the implementat
   is what the tokenizer produces.
 * `'tokamax'`: `tokamax.dot_product_attention` (the optional extra `pip install -e '.[tokamax]'`),
   its Pallas-Triton flash kernel on a GPU (faster than cuDNN for the text's 26 tokens and the
-  fusion's 26 queries × 258 image keys, docs/PERF.md), its XLA one elsewhere. Any length, any dtype;
-  key masks become key lengths and attention dropout is off, as on 'cudnn'. Under a mesh
+  fusion's 26 queries × 258 image keys, docs/PERF.md), its XLA one elsewhere. Any length, any
+  dtype; key masks become key lengths and attention dropout is off, as on 'cudnn'. Under a mesh
   (`jax.set_mesh`) the kernel runs per batch shard (`shard_map` over the batch axes), since XLA
   cannot partition a Pallas call itself.
 
@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nas_jax.models import fp8 as fp8_lib
+from nas_jax.sharding import BATCH_AXES
 
 IMPLEMENTATIONS = ("xla", "cudnn", "tokamax")
-BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (nas_jax/sharding.py)
 
 
 def _check_implementation(implementation: str) -> None:
@@ -44,7 +44,8 @@ def _check_implementation(implementation: str) -> None:
 
 def resolve_implementation(name: str, dtype: Any, backend: str | None = None) -> str:
   """The config's attention name → 'xla' | 'cudnn' | 'tokamax'. 'auto' is 'cudnn' on a GPU with
-  bfloat16 or float16 compute, else 'xla' (TPU, CPU, float32). `backend` defaults to jax.default_backend()."""
+  bfloat16 or float16 compute, else 'xla' (TPU, CPU, float32). `backend` defaults to
+  jax.default_backend()."""
   if name != "auto":
     _check_implementation(name)
     return name
