@@ -23,7 +23,6 @@ Softmax is always computed in float32.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -129,44 +128,6 @@ def _pad_axis1(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def _xla_mask(key_mask, key_lengths, tk):
-  mask = None
-  if key_mask is not None:
-    mask = key_mask.astype(bool)[:, None, None, :]
-  if key_lengths is not None:
-    by_length = (jnp.arange(tk)[None, :] < key_lengths[:, None])[:, None, None, :]
-    mask = by_length if mask is None else mask & by_length
-  return mask
-
-
-def _xla_attention(q, k, v, key_mask, key_lengths):
-  return jax.nn.dot_product_attention(q, k, v, mask=_xla_mask(key_mask, key_lengths, k.shape[1]),
-                                      implementation="xla")
-
-
-# Experiment (issue 18, measured slower: docs/PERF.md): cuDNN's flash kernels work on tiles of
-# 128 queries; the few (<= 8) queries past the last whole tile go to XLA instead.
-def query_tail_rows(tq: int) -> int:
-  if os.environ.get("NAS_JAX_CUDNN_QUERY_TAIL", "1") == "0":
-    return 0
-  tail = tq % 128
-  return tail if tq > 128 and tail <= 8 else 0
-
-
-def cudnn_attention(q, k, v, lengths):
-  batch, tq, tk = q.shape[0], q.shape[1], k.shape[1]
-  tq_even, tk_even = tq + tq % 2, tk + tk % 2
-  if tk_even != tk:
-    k, v = _pad_axis1(k, tk_even), _pad_axis1(v, tk_even)
-    if lengths is None:
-      lengths = jnp.full((batch,), tk, jnp.int32)
-  if tq_even != tq:
-    q = _pad_axis1(q, tq_even)
-  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
-                                     implementation="cudnn")
-  return out[:, :tq]
-
-
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           key_mask: jax.Array | None = None,
                           key_lengths: jax.Array | None = None,
@@ -204,21 +165,31 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       raise ValueError(f"cuDNN attention needs bfloat16 or float16 inputs, got {q.dtype}: set "
                        "model.dtype='bfloat16' or use model.attention='xla'")
     lengths = _key_lengths(key_mask, key_lengths)
-    tail = query_tail_rows(tq)
-    if not tail:
-      return cudnn_attention(q, k, v, lengths)
-    head = cudnn_attention(q[:, :tq - tail], k, v, lengths)
-    rest = _xla_attention(q[:, tq - tail:], k, v, None, lengths)
-    return jnp.concatenate([head, rest], axis=1)
+    # The cuDNN backward pass rejects odd lengths: pad to even and mask the pad.
+    tq_even, tk_even = tq + tq % 2, tk + tk % 2
+    if tk_even != tk:
+      k, v = _pad_axis1(k, tk_even), _pad_axis1(v, tk_even)
+      if lengths is None:
+        lengths = jnp.full((batch,), tk, jnp.int32)
+    if tq_even != tq:
+      q = _pad_axis1(q, tq_even)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                       implementation="cudnn")
+    return out[:, :tq]
   if implementation == "tokamax":
     return tokamax_attention(q, k, v, _key_lengths(key_mask, key_lengths))
 
+  mask = None
+  if key_mask is not None:
+    mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, Tk] broadcasts over heads, queries.
+  if key_lengths is not None:
+    by_length = (jnp.arange(tk)[None, :] < key_lengths[:, None])[:, None, None, :]
+    mask = by_length if mask is None else mask & by_length
   if dropout_rate > 0.0 and not deterministic:
     if dropout_rng is None:
       raise ValueError("attention dropout is active (deterministic=False) but no dropout_rng given")
-    return _attention_with_dropout(q, k, v, _xla_mask(key_mask, key_lengths, tk), dropout_rate,
-                                   dropout_rng)
-  return _xla_attention(q, k, v, key_mask, key_lengths)
+    return _attention_with_dropout(q, k, v, mask, dropout_rate, dropout_rng)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
 class MultiHeadAttention(nn.Module):
