@@ -23,6 +23,8 @@ def get_config(arg: str | None = None):
   c.model.dtype = "bfloat16"
   c.model.vit_attention = "auto"  # cuDNN flash attention on GPUs (same function; docs/PERF.md).
   c.model.stacked_layout = True  # Few state arrays, unrolled layers: fastest on GPUs (PERF.md).
+  c.mlm.max_masked = -1  # MLM heads on the masked tokens only; masking as ALBEF's for all but
+                         # < 1e-5 of the texts (docs/RECIPE.md, PERF.md).
   c.model.use_dictionary = True
   c.nva.enabled = True
   c.num_epochs = 1

@@ -142,6 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
       prob=0.15,
       mask_prob=0.8,
       random_prob=0.1,
+      max_masked=0,   # At most this many masked tokens per text (BERT's max_predictions_per_seq;
+                      # ALBEF has none: 0), so that the MLM heads run on those positions only
+                      # (docs/PERF.md). -1: the smallest cap that changes the masking of < 1e-5
+                      # of the texts at data.max_text_len (12 at 25 tokens).
   ))
   c.itm = ml_collections.ConfigDict(dict(
       text_negatives=False,   # (I, T_fg) pairs from the batch's hard-negative captions (NTA).
@@ -382,6 +386,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           and mlm.mask_prob + mlm.random_prob <= 1):
     fail("mlm.prob", f"with mask_prob={mlm.mask_prob}, random_prob={mlm.random_prob}: need "
          "probabilities in [0, 1] with mask_prob + random_prob <= 1")
+  at_least("mlm.max_masked", -1, " (0: no cap, -1: auto)")
   if not 0 <= d.max_error_rate <= 1:
     fail("data.max_error_rate", "must be in [0, 1]")
   for key in ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.grad_clip"):

@@ -22,7 +22,8 @@ ITC width E, queue Q, batch B (G device groups, b = B / G); VD size m, code widt
   text_layer(L)  = 2 L (4 D^2 + 2 D I) + 4 L^2 D
   fusion_layer   = text_layer(L) + 2 L D^2 (query, output) + 4 Ni Dv D (key, value of the
                    Ni = T image tokens) + 4 L Ni D (scores, mixing)
-  mlm_head       = 2 L D^2 + 2 L D V                                  (transform, tied decoder)
+  mlm_head       = 2 P D^2 + 2 P D V                                  (transform, tied decoder;
+                   P = L, or mlm.max_masked when it is smaller)
   itc_sims       = 2 * 2 E (B + Q)                                    (i2t and t2i rows)
   vd             = 2 N Dv c + 2 N c^2 + 2 N (2c)(2)   trained         (in_dense, out_dense, gate)
   vd_distances   = 2 N m c                            no grad
@@ -39,6 +40,8 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+
+from nas_jax import objectives
 
 REFERENCE_GFLOP_PER_SAMPLE = 311.8   # the authors' PyTorch NAS step (issue 9), fwd + bwd
 PEAK_TFLOPS = 989.0                  # H100 SXM dense bf16 data-sheet peak
@@ -147,7 +150,9 @@ def step_flops(config: ml_collections.ConfigDict, batch_size: int | None = None,
   image = vit_forward(vit)
   text = text_forward(bert, length)
   fusion = fusion_forward(bert, length, t, dv)
-  mlm_fwd = text + fusion + mlm_head_forward(bert, length) if mlm else 0.0
+  # mlm.max_masked: the heads run on that many positions per text (train_step.mlm_head_rows).
+  head_rows = objectives.resolve_max_masked(c.mlm.max_masked, length, c.mlm.prob) or length
+  mlm_fwd = text + fusion + mlm_head_forward(bert, head_rows) if mlm else 0.0
   groups = 3 + int(use_nva) + int(c.itm.text_negatives)
 
   parts = [

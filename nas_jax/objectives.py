@@ -16,6 +16,8 @@ Queues are stored row-major, [Q, D] (ALBEF stores [D, Q]).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -125,13 +127,16 @@ def enqueue(queue: Array, ptr: Array, feats: Array) -> tuple[Array, Array]:
 # ----------------------------------------------------------------------------------------- MLM
 def mask_tokens(rng: Array, ids: Array, *, vocab_size: int, pad_id: int, cls_id: int, mask_id: int,
                 prob: float = 0.15, mask_prob: float = 0.8, random_prob: float = 0.1,
-                keep_ids: tuple[int, ...] = ()) -> tuple[Array, Array]:
+                keep_ids: tuple[int, ...] = (), max_masked: int = 0) -> tuple[Array, Array]:
   """BERT/ALBEF masking of token ids [B, L].
 
   Each token is selected with probability `prob`, never [PAD] or [CLS] (nor any of `keep_ids`).
   ALBEF does mask [SEP]; pass keep_ids=(sep_id,) to protect it. A selected token becomes [MASK]
   with probability mask_prob, a uniformly random id in [0, vocab_size) with random_prob (as
   ALBEF, special ids included), and stays unchanged otherwise.
+  max_masked > 0 (`resolve_max_masked`; BERT's max_predictions_per_seq): a row with more
+  selected tokens keeps a uniformly random max_masked of them, so that the MLM head can run on
+  `masked_positions` only. ALBEF has no such cap (0).
   Returns (input_ids, labels): labels are the original ids where selected, -100 elsewhere.
   """
   if not (0 <= prob <= 1 and mask_prob >= 0 and random_prob >= 0 and mask_prob + random_prob <= 1):
@@ -141,13 +146,45 @@ def mask_tokens(rng: Array, ids: Array, *, vocab_size: int, pad_id: int, cls_id:
   maskable = (ids != pad_id) & (ids != cls_id)
   for t in keep_ids:
     maskable &= ids != t
-  selected = (jax.random.uniform(k_sel, ids.shape) < prob) & maskable
+  u_sel = jax.random.uniform(k_sel, ids.shape)
+  selected = (u_sel < prob) & maskable
+  if 0 < max_masked < ids.shape[1]:
+    # The selected tokens with the max_masked smallest draws: uniform among them, given the count.
+    rank = jnp.argsort(jnp.argsort(jnp.where(selected, u_sel, 2.0), axis=1), axis=1)
+    selected &= rank < max_masked
   u = jax.random.uniform(k_how, ids.shape)
   random_ids = jax.random.randint(k_tok, ids.shape, 0, vocab_size, dtype=ids.dtype)
   out = jnp.where(selected & (u < mask_prob), jnp.asarray(mask_id, ids.dtype), ids)
   out = jnp.where(selected & (u >= mask_prob) & (u < mask_prob + random_prob), random_ids, out)
   labels = jnp.where(selected, ids, jnp.asarray(IGNORE, ids.dtype))
   return out, labels
+
+
+def resolve_max_masked(max_masked: int, length: int, prob: float, tail: float = 1e-5) -> int:
+  """The per-text cap on masked tokens that `mlm.max_masked` asks for at text length L: 0 (no
+  cap) for 0; -1 ('auto') the smallest P with P(Binomial(L − 1, prob) > P) < tail, i.e. a cap
+  that changes the masking of fewer than `tail` of the texts (12 at L = 25, prob = 0.15); a cap
+  of L − 1 or more (every maskable token) is no cap: 0."""
+  if max_masked == -1:
+    n = length - 1
+    pmf = [math.comb(n, k) * prob**k * (1 - prob) ** (n - k) for k in range(n + 1)]
+    max_masked = next((cap for cap in range(n + 1) if sum(pmf[cap + 1:]) < tail), n)
+  return max_masked if 0 < max_masked < length - 1 else 0
+
+
+def masked_positions(labels: Array, max_masked: int) -> tuple[Array, Array]:
+  """The first max_masked masked positions of each row, in order, and their labels.
+
+  labels [B, L] (-100 = not masked; at most max_masked masked per row, as `mask_tokens` with the
+  same max_masked makes them). Returns (positions [B, max_masked] int32, labels [B, max_masked]),
+  a row's unused slots pointing at position 0 with label -100. The MLM head on the hidden states
+  at `positions` with these labels gives `mlm_loss` of the full [B, L] head exactly.
+  """
+  masked = labels != IGNORE
+  positions = jnp.argsort(~masked, axis=1, stable=True)[:, :max_masked].astype(jnp.int32)
+  taken = jnp.take_along_axis(masked, positions, axis=1)
+  positions = jnp.where(taken, positions, 0)
+  return positions, jnp.where(taken, jnp.take_along_axis(labels, positions, axis=1), IGNORE)
 
 
 def mlm_loss(logits: Array, labels: Array, logits_m: Array | None = None,

@@ -57,7 +57,7 @@ import optax
 
 from nas_jax import nva, objectives
 from nas_jax.models import dictionary, layer_stack
-from nas_jax.models.nas import MOMENTUM_KEYS, NASModel, compute_dtype
+from nas_jax.models.nas import MOMENTUM_KEYS, NASModel, compute_dtype, take_positions
 
 
 @flax.struct.dataclass
@@ -171,7 +171,19 @@ def mask_for_mlm(spec: StepSpec, key: jax.Array, ids: jax.Array) -> tuple[jax.Ar
     return ids, jnp.full_like(ids, objectives.IGNORE)
   return objectives.mask_tokens(
       key, ids, vocab_size=c.model.bert.vocab_size, pad_id=t.pad, cls_id=t.cls, mask_id=t.mask,
-      prob=c.mlm.prob, mask_prob=c.mlm.mask_prob, random_prob=c.mlm.random_prob)
+      prob=c.mlm.prob, mask_prob=c.mlm.mask_prob, random_prob=c.mlm.random_prob,
+      max_masked=objectives.resolve_max_masked(c.mlm.max_masked, ids.shape[1], c.mlm.prob))
+
+
+def mlm_head_rows(spec: StepSpec, labels: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+  """Where the MLM head runs: (None, labels) on every position [B, L], or with `mlm.max_masked`
+  (masking capped per row) `objectives.masked_positions`: ([B, P] positions, their labels). The
+  loss is the same either way; the head's work shrinks by P / L."""
+  c = spec.config
+  cap = objectives.resolve_max_masked(c.mlm.max_masked, labels.shape[1], c.mlm.prob)
+  if not cap:
+    return None, labels
+  return objectives.masked_positions(labels, cap)
 
 
 def momentum_features(m: NASModel, images, ids, mask, with_embeds: bool):
@@ -182,15 +194,17 @@ def momentum_features(m: NASModel, images, ids, mask, with_embeds: bool):
   return {"image": img_m["feat"], "text": txt_m["feat"]}, (img_m["embeds"] if with_embeds else None)
 
 
-def momentum_targets(spec: StepSpec, params_m, batch, mlm_ids, key):
+def momentum_targets(spec: StepSpec, params_m, batch, mlm_ids, mlm_labels, key):
   """ITC targets and MLM soft labels of the whole batch from the momentum model (no gradient).
-  Returns (feats_m {'image','text'} [B, E], logits_m [B, L, V] or None)."""
+  Returns (feats_m {'image','text'} [B, E], logits_m [B, L or mlm.max_masked, V] or None)."""
   with_mlm = spec.config.mlm.enabled
+  positions, _ = mlm_head_rows(spec, mlm_labels)
 
   def forward(m: NASModel):
     feats, embeds = momentum_features(m, batch["image"], batch["text_ids"], batch["text_mask"],
                                       with_mlm)
-    logits = m.mlm(mlm_ids, batch["text_mask"], embeds, train=True) if with_mlm else None
+    logits = (m.mlm(mlm_ids, batch["text_mask"], embeds, train=True, positions=positions)
+              if with_mlm else None)
     return feats, logits
 
   return jax.lax.stop_gradient(spec.model.apply({"params": params_m}, method=forward,
@@ -290,7 +304,9 @@ def online_losses(m: NASModel, spec: StepSpec, batch, mlm_ids, mlm_labels, feats
   metrics.update({f"itm_acc_{name}": acc for name, acc in zip(names, correct.mean(0))})
 
   if c.mlm.enabled:
-    loss_mlm = objectives.mlm_loss(m.mlm_logits(fused[:, k]), mlm_labels, logits_m, alpha)
+    positions, labels = mlm_head_rows(spec, mlm_labels)
+    hidden = fused[:, k] if positions is None else take_positions(fused[:, k], positions)
+    loss_mlm = objectives.mlm_loss(m.mlm_logits(hidden), labels, logits_m, alpha)
   else:
     loss_mlm = jnp.zeros((), jnp.float32)
 
@@ -327,7 +343,7 @@ def _loss_and_grads(spec: StepSpec, params, batch_stats, batch, mlm_ids, mlm_lab
 def plain_grads(spec: StepSpec, state: TrainState, params, params_m, batch, mlm_ids, mlm_labels,
                 alpha, keys):
   """Steps 2-3 on the whole batch. Returns (loss, metrics, batch_stats, grads, feats_m)."""
-  feats_m, logits_m = momentum_targets(spec, params_m, batch, mlm_ids, keys["drop_m"])
+  feats_m, logits_m = momentum_targets(spec, params_m, batch, mlm_ids, mlm_labels, keys["drop_m"])
   loss, metrics, _, batch_stats, grads = _loss_and_grads(
       spec, params, state.batch_stats, batch, mlm_ids, mlm_labels, feats_m, logits_m,
       state.queues, {"neg": jax.random.split(keys["neg"], spec.num_groups), "nva": keys["nva"],
@@ -403,7 +419,7 @@ def accumulated_grads(spec: StepSpec, state: TrainState, params, params_m, batch
     if c.mlm.enabled:
       logits_m = jax.lax.stop_gradient(model.apply(
           {"params": params_m}, ids_mlm, mb["text_mask"], img_em[k], train=True,
-          method=NASModel.mlm, rngs={"dropout": jax.random.fold_in(keys["drop_m"], accum + k)}))
+          positions=mlm_head_rows(spec, lab_mlm)[0], method=NASModel.mlm, rngs={"dropout": jax.random.fold_in(keys["drop_m"], accum + k)}))
     scale = jnp.sum(lab_mlm != objectives.IGNORE) / masked_total * accum
     _, metrics, extras, _, grads = _loss_and_grads(
         spec, p, batch_stats, mb, ids_mlm, lab_mlm, {"image": img_fm[k], "text": txt_fm[k]},

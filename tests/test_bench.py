@@ -44,6 +44,10 @@ def test_flops_match_hand_count_for_tiny_stage2():
   assert got.per_sample - s1.per_sample == pytest.approx(
       3 * (nva_tokens + fusion + 2 * 64 * 2) + nva_select, rel=1e-12)
   assert "| **step** |" in got.table()
+  # mlm.max_masked = 6: both MLM heads (momentum 1x, online 3x) on 6 of the 24 positions.
+  capped = flops.step_flops(tiny_config(**{"nva.enabled": True, "mlm.max_masked": 6}), b)
+  assert got.per_sample - capped.per_sample == pytest.approx(
+      4 * (2 * 18 * 4096 + 2 * 18 * 64 * v), rel=1e-12)
 
 
 def test_flops_of_paper_configs_are_near_the_reference():

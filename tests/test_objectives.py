@@ -126,6 +126,58 @@ def test_mask_tokens_keep_ids():
   assert (np.asarray(labels) == -100).all()
 
 
+def test_mask_tokens_cap_keeps_a_random_subset_and_changes_nothing_below_it():
+  """max_masked: rows with more selected tokens keep exactly max_masked of them (a subset of the
+  uncapped selection, not always the first ones); rows at or below the cap are unchanged."""
+  rng = np.random.default_rng(3)
+  ids = jnp.asarray(rng.integers(200, VOCAB, size=(256, 30)), jnp.int32).at[:, 0].set(CLS)
+  mask = lambda cap: obj.mask_tokens(jax.random.PRNGKey(4), ids, vocab_size=VOCAB, pad_id=PAD,
+                                     cls_id=CLS, mask_id=MASK, prob=0.3, max_masked=cap)
+  (out0, lab0), (out9, lab9) = (map(np.asarray, mask(cap)) for cap in (0, 9))
+  sel0, sel9 = lab0 != -100, lab9 != -100
+  count0 = sel0.sum(1)
+  assert (count0 > 9).sum() > 50 and (count0 <= 9).sum() > 50
+  np.testing.assert_array_equal(sel9.sum(1), np.minimum(count0, 9))
+  assert not (sel9 & ~sel0).any()
+  small = count0 <= 9
+  np.testing.assert_array_equal(lab9[small], lab0[small])
+  np.testing.assert_array_equal(out9[sel9], out0[sel9])           # same 80/10/10 draw per token
+  np.testing.assert_array_equal(out9[~sel9], np.asarray(ids)[~sel9])
+  last_kept = np.array([np.flatnonzero(r)[-1] for r in sel9[count0 > 9]])
+  last_any = np.array([np.flatnonzero(r)[-1] for r in sel0[count0 > 9]])
+  assert (last_kept == last_any).mean() > 0.3                      # not a prefix of the selection
+
+
+def test_resolve_max_masked_auto_is_the_smallest_cap_with_a_tail_below_1e5():
+  from math import comb
+  tail = lambda n, cap: sum(comb(n, k) * 0.15**k * 0.85 ** (n - k) for k in range(cap + 1, n + 1))
+  for length in (10, 25, 30, 40):
+    cap = obj.resolve_max_masked(-1, length, 0.15)
+    assert tail(length - 1, cap) < 1e-5 <= tail(length - 1, cap - 1)
+  assert obj.resolve_max_masked(-1, 25, 0.15) == 12
+  assert [obj.resolve_max_masked(m, 25, 0.15) for m in (0, 5, 23, 24, 30)] == [0, 5, 23, 0, 0]
+  assert obj.resolve_max_masked(-1, 4, 0.15) == 0      # every maskable token: no cap
+
+
+def test_masked_positions_give_the_full_heads_loss():
+  """The MLM loss (with distillation) of the head run on `masked_positions` equals the loss of
+  the head run on every position."""
+  b, l, v, cap = 3, 7, 11, 4
+  labels = np.full((b, l), -100)
+  labels[0, [1, 4, 6]] = [3, 5, 7]
+  labels[1, [2]] = [1]
+  labels[2, [1, 2, 3, 5]] = [2, 4, 6, 8]
+  hidden = jax.random.normal(jax.random.PRNGKey(5), (b, l, 6))
+  w = jax.random.normal(jax.random.PRNGKey(6), (6, v))
+  w_m = jax.random.normal(jax.random.PRNGKey(7), (6, v))
+  full = obj.mlm_loss(hidden @ w, jnp.asarray(labels), hidden @ w_m, 0.4)
+  positions, sel_labels = obj.masked_positions(jnp.asarray(labels), cap)
+  np.testing.assert_array_equal(positions, [[1, 4, 6, 0], [2, 0, 0, 0], [1, 2, 3, 5]])
+  np.testing.assert_array_equal(sel_labels, [[3, 5, 7, -100], [1, -100, -100, -100], [2, 4, 6, 8]])
+  rows = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  np.testing.assert_allclose(obj.mlm_loss(rows @ w, sel_labels, rows @ w_m, 0.4), full, rtol=1e-6)
+
+
 def test_mlm_loss_by_hand():
   logits = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5)), np.float64)
   logits_m = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 3, 5)), np.float64)

@@ -47,6 +47,11 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def take_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+  """hidden [B, L, D] at positions [B, P] (int) → [B, P, D]."""
+  return jnp.take_along_axis(hidden, positions[..., None], axis=1)
+
+
 class NASModel(nn.Module):
   config: ml_collections.ConfigDict  # the `model` section of nas_jax/config_lib.py
 
@@ -136,10 +141,11 @@ class NASModel(nn.Module):
     return self.bert.mlm_logits(fused)
 
   def mlm(self, ids: jax.Array, mask: jax.Array, image_embeds: jax.Array, *,
-          train: bool = False) -> jax.Array:
-    """The full BERT on (masked) text with cross-attention to the continuous image tokens → logits."""
-    hidden = self.bert.text(ids, mask, train=train)
-    return self.mlm_logits(self.fuse(hidden, mask, image_embeds, train=train))
+          train: bool = False, positions: jax.Array | None = None) -> jax.Array:
+    """The full BERT on (masked) text with cross-attention to the continuous image tokens → logits
+    [B, L, V], or [B, P, V] at positions [B, P] only (`take_positions`)."""
+    hidden = self.fuse(self.bert.text(ids, mask, train=train), mask, image_embeds, train=train)
+    return self.mlm_logits(hidden if positions is None else take_positions(hidden, positions))
 
   def __call__(self, images, ids, mask, *, train: bool = False):
     """Touches every parameter (used by `init`)."""
