@@ -103,8 +103,6 @@ def base_config() -> ml_collections.ConfigDict:
       reuse_gate=True,    # NVA negative mixes with the positive's gate weights (authors' code).
       frozen=False,       # True: no eq. 2 update, the codebook keeps its loaded values (the
                           # authors' code after stage 1; the paper updates it throughout).
-      distances='f32',    # Patch-to-code distance products: 'f32' (float32) or 'bf16_6x'
-                          # (tensor cores, about float32's accuracy; docs/PERF.md).
   ))
   c.model.dtype = 'float32'          # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   c.model.attention = 'xla'          # 'xla' | 'cudnn' | 'tokamax' | 'auto' (cudnn on GPU with
@@ -298,7 +296,6 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
       "model.vit.gelu": GELU_KINDS,
       "model.bert.gelu": GELU_KINDS,
       "model.dictionary.init": ("normal", "data"),
-      "model.dictionary.distances": ("f32", "bf16_6x"),
       "nva.scope": ("image", "primary"),
       "nva.norm": ("l2", "max"),
       "data.source": SOURCES,

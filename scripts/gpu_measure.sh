@@ -224,7 +224,6 @@ case "${1:-}" in
         mlm12) flags=$CUBLAS; extra="$T $M" ;;
         tanh_mlm12) flags=$TRITON; extra="$T $M" ;;
         exact_mlm12) flags=$TRITON; extra="$M" ;;
-        vd_bf16_6x) flags=$CUBLAS; extra="$T $M --config.model.dictionary.distances=bf16_6x" ;;
       esac
       XLA_FLAGS="${XLA_FLAGS:-} $flags" JAX_ENABLE_COMPILATION_CACHE=false python3 -m nas_jax.bench \
           $B $extra --label "stage2 tokamax $v" --json_out "$OUT/round3.jsonl" \

@@ -1,7 +1,7 @@
 r"""Kernel microbenchmark: which LayerNorm / attention / GELU implementation is fastest at OUR
 shapes (stage 2, batch 64 per GPU), forward + backward, and is it numerically right.
 
-  python3 scripts/kernel_bench.py [--only ln|attn|gelu|vd] [--iters 50] [--reps 10] \
+  python3 scripts/kernel_bench.py [--only ln|attn|gelu] [--iters 50] [--reps 10] \
       [--json_out runs/kernels.jsonl] [--small] [--load_tokamax_on_cpu] [--tokamax_FLAG=VALUE]
 
 Each cell is `jax.jit(jax.value_and_grad(loss, has_aux=True))` with
@@ -26,9 +26,6 @@ Compared (GPU rows say "n/a on cpu" on a CPU; tokamax rows need `tokamax` instal
   and 'cudnn', called as the models call it) vs `tokamax.dot_product_attention` 'mosaic',
   'triton', 'cudnn', 'xla', 'xla_chunked' with `key_value_seq_lengths`. Rate: TFLOP/s on
   12·B·H·Tq·Tk·Dh (forward's two products, backward's four; padded lengths, no recomputation).
-* The visual dictionary's patch-to-code distances, [64·256, 768] features against 2,048 codes,
-  float32 (each patch's distance to its nearest code): float32 products (ours) vs `bf16_6x`
-  (`model.dictionary.distances`). Rate: TFLOP/s on 2·P·C·m.
 * GELU after the ViT's fc1, [16512, 768] × [768, 3072] + bias in bfloat16: no activation, exact
   GELU (ours) and tanh GELU, as XLA compiles them. Rate: TFLOP/s on the gemms' 6·M·K·N.
 
@@ -80,9 +77,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nas_jax.models import attention as attention_lib  # noqa: E402 (the repository root first)
 from nas_jax.models.activations import gelu  # noqa: E402
-from nas_jax.models.dictionary import pairwise_sq_dist  # noqa: E402
 
-PARTS = ("ln", "attn", "gelu", "vd")
+PARTS = ("ln", "attn", "gelu")
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 VIT_EPS, BERT_EPS = 1e-6, 1e-12  # config_lib: vit.layer_norm_eps, bert.layer_norm_eps
 HEADS, HEAD_DIM = 12, 64
@@ -507,31 +503,7 @@ def gelu_part(opts, tokamax, why_not, backend) -> list[tuple[Case, list[Impl]]]:
   return out
 
 
-def nearest_code_distance(algorithm: str) -> Callable:
-  """The visual dictionary's assignment (eq. 1) as the model runs it: each patch feature's
-  squared distance to its nearest code, products by `algorithm` (`model.dictionary.distances`)."""
-
-  def fn(feats, codebook):
-    dist = pairwise_sq_dist(jax.lax.stop_gradient(feats), codebook, algorithm)
-    return jnp.min(dist, axis=-1)
-
-  return fn
-
-
-def vd_part(opts, tokamax, why_not, backend) -> list[tuple[Case, list[Impl]]]:
-  del tokamax, why_not, backend
-  rng = np.random.default_rng(3)
-  p, c, m = (64, 16, 32) if opts.small else (64 * 256, 768, 2048)
-  # ReLU'd features (as after the input projection) and a codebook on their scale.
-  args = (np.maximum(_array(rng, (p, c), jnp.float32), 0), _array(rng, (m, c), jnp.float32, 0.5))
-  case = Case(part="vd", name="patch-to-code distances", shape=f"[{p}, {c}] × [{m}, {c}]",
-              dtype="float32", args=args, num_diff=1, cotangent=_array(rng, (p,), np.float32),
-              work=2.0 * p * c * m, unit="TFLOP/s", ref=nearest_code_distance("f32"))
-  return [(case, [Impl("f32 (ours)", nearest_code_distance("f32"), ours=True),
-                  Impl("bf16_6x", nearest_code_distance("bf16_6x"))])]
-
-
-PART_BUILDERS = {"ln": ln_part, "attn": attn_part, "gelu": gelu_part, "vd": vd_part}
+PART_BUILDERS = {"ln": ln_part, "attn": attn_part, "gelu": gelu_part}
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,25 +75,6 @@ def test_assignment_is_true_nearest_code_and_usage_stats():
   assert (np.asarray(aux['f']) >= 0).all()  # ReLU after the input projection
 
 
-def test_bf16_6x_distances_reach_the_dot_and_keep_the_nearest_code():
-  """distances='bf16_6x': the distance product carries the six-pass bfloat16 algorithm (XLA's CPU
-  backend computes it in float32), and the assignment is still the brute-force nearest code. An
-  unknown name is an error naming the config key."""
-  vd = VisualDictionary(size=16, dim=8, input_proj=True, init_std=0.5, distances='bf16_6x')
-  patches = jax.random.normal(jax.random.PRNGKey(2), (3, 4, 12))
-  variables = nn.Module.init(vd, jax.random.PRNGKey(3), patches)
-  quantize = lambda v, p: vd.apply(v, p, update=False, method=VisualDictionary.quantize)
-  assert 'BF16_BF16_F32_X6' in str(jax.make_jaxpr(quantize)(variables, patches))
-  aux = jax.jit(quantize)(variables, patches)
-  f = np.asarray(aux['f'], np.float64).reshape(-1, 8)
-  d = np.asarray(variables['batch_stats']['codebook'], np.float64)
-  brute = ((f[:, None, :] - d[None]) ** 2).sum(-1)
-  np.testing.assert_array_equal(np.asarray(aux['codes']).reshape(-1), brute.argmin(-1))
-  with pytest.raises(ValueError, match="model.dictionary.distances='tf32'"):
-    nn.Module.init(VisualDictionary(size=4, dim=8, distances='tf32'), jax.random.PRNGKey(0),
-                   patches)
-
-
 def test_data_init_fills_codebook_from_first_batch():
   vd = VisualDictionary(size=4, dim=4, momentum=1.0, input_proj=False, init='data')
   patches = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 4))

@@ -37,9 +37,8 @@ Choices where the paper is silent (recorded here, switchable where it matters):
     `nn.init.normal_`).
     `init='data'`: the first update first overwrites the codebook with the batch's features (see
     `data_init`), then assigns against it and applies eq. 2, so no step sees the random codebook.
-  * Distances use float32 products (`precision=HIGHEST`) so the argmin is the true nearest code
-    on GPUs/TPUs too (TF32/bf16 passes would otherwise flip near-ties); `distances='bf16_6x'`
-    computes them with tensor cores to about float32's accuracy instead.
+  * Distances use `precision=HIGHEST` so the argmin is the true nearest code on GPUs/TPUs too
+    (TF32/bf16 passes would otherwise flip near-ties).
 """
 
 from __future__ import annotations
@@ -81,20 +80,11 @@ def sincos_2d(grid: tuple[int, int], dim: int) -> Array:
   return jnp.concatenate([py, px], axis=-1).reshape(h * w, dim)
 
 
-# `model.dictionary.distances`: how the a.b products of the code distances are computed. 'f32':
-# float32 (no tensor cores on GPUs); 'bf16_6x': six bfloat16 tensor-core products of each
-# operand's three bfloat16 parts, float32 accumulation — about float32's accuracy, several times
-# faster on GPUs (docs/PERF.md); CPUs compute both in float32.
-DISTANCE_ALGORITHMS = {"f32": jax.lax.Precision.HIGHEST,
-                       "bf16_6x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
-
-
-def pairwise_sq_dist(a: Array, b: Array, algorithm: str = "f32") -> Array:
-  """||a_i - b_j||^2 as ||a||^2 - 2 a.b + ||b||^2, float32: a [P, C], b [m, C] -> [P, m]; the
-  products by DISTANCE_ALGORITHMS[algorithm]."""
+def pairwise_sq_dist(a: Array, b: Array) -> Array:
+  """||a_i - b_j||^2 as ||a||^2 - 2 a.b + ||b||^2, float32: a [P, C], b [m, C] -> [P, m]."""
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
-  ab = jnp.dot(a, b.T, precision=DISTANCE_ALGORITHMS[algorithm])
+  ab = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
   return jnp.sum(a * a, -1, keepdims=True) - 2.0 * ab + jnp.sum(b * b, -1)[None, :]
 
 
@@ -169,8 +159,6 @@ class VisualDictionary(nn.Module):
     init_std: standard deviation of the 'normal' codebook.
     dtype: compute dtype of the Linear layers (statistics, distances and LayerNorms are float32).
     grid: patch grid (h, w) for the position embedding; None: square, h = w = sqrt(N).
-    distances: how the patch-to-code distances are multiplied ('f32' | 'bf16_6x',
-      `pairwise_sq_dist`).
 
   Note: the field `init` (named as the config key `model.dictionary.init`) shadows `Module.init`
   on this class. Inside a parent module nothing changes; to initialise a VisualDictionary on its
@@ -185,14 +173,10 @@ class VisualDictionary(nn.Module):
   init_std: float = 1.0
   dtype: Any = jnp.float32
   grid: tuple[int, int] | None = None
-  distances: str = 'f32'
 
   def setup(self):
     if self.init not in ('normal', 'data'):
       raise ValueError(f"model.dictionary.init={self.init!r}: use 'normal' or 'data'")
-    if self.distances not in DISTANCE_ALGORITHMS:
-      raise ValueError(f"model.dictionary.distances={self.distances!r}: use one of "
-                       f"{tuple(DISTANCE_ALGORITHMS)}")
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
                                      kernel_init=nn.initializers.xavier_normal())
     if self.input_proj:
@@ -250,7 +234,7 @@ class VisualDictionary(nn.Module):
       codebook = jnp.where(self.ready_var.value, codebook, fresh)
       self.ready_var.value = jnp.ones((), jnp.bool_)
 
-    dist = pairwise_sq_dist(jax.lax.stop_gradient(flat), codebook, self.distances)  # [B*N, m]
+    dist = pairwise_sq_dist(jax.lax.stop_gradient(flat), codebook)       # [B*N, m]
     codes = jnp.argmin(dist, axis=-1).astype(jnp.int32)
     nearest = jnp.take(codebook, codes, axis=0)                          # [B*N, dim]
     q = flat + jax.lax.stop_gradient(nearest - flat)

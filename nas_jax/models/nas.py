@@ -73,8 +73,7 @@ class NASModel(nn.Module):
       d = c.dictionary
       self.dictionary = VisualDictionary(
           size=d.size, dim=c.vit.hidden_size, momentum=d.momentum, gate=d.gate,
-          input_proj=d.input_proj, init=d.init, init_std=d.init_std, dtype=dtype, grid=(grid, grid),
-          distances=d.distances)
+          input_proj=d.input_proj, init=d.init, init_std=d.init_std, dtype=dtype, grid=(grid, grid))
 
   # ------------------------------------------------------------------ unimodal encoders
   def encode_image(self, images: jax.Array, *, train: bool = False) -> dict:
