@@ -11,9 +11,10 @@ from step_utils import build, fixed_batch, tiny_config
 
 @pytest.fixture(scope="module")
 def stage2():
-  """Tiny stage-2 config (VD + NVA + text negatives: every FGITM pair group is on)."""
+  """Tiny stage-2 config (VD + NVA + text negatives: every FGITM pair group is on; the MLM heads
+  on the masked positions only, as the stage configs)."""
   c = tiny_config(**{"nva.enabled": True, "itm.text_negatives": True, "optim.lr": 1e-3,
-                     "optim.warmup_steps": 1, "total_steps": 40})
+                     "optim.warmup_steps": 1, "total_steps": 40, "mlm.max_masked": -1})
   return c, fixed_batch(c)
 
 
