@@ -86,14 +86,33 @@ def test_batch_not_divisible_by_devices(tmp_path):
     train.train(c, str(tmp_path), devices=jax.devices()[:8])
 
 
-def test_missing_init_from(tmp_path):
+@pytest.fixture
+def compile_on_demand(monkeypatch):
+  """train() compiles its step in a daemon thread beside the initialisation. A run that fails
+  before its first step leaves that thread compiling, taking a core from the tests after it; here
+  the step compiles only if the run asks for it."""
+  from nas_jax import compilation
+  in_background = compilation.in_background
+
+  class Deferred:
+    def __init__(self, *args, **kwargs):
+      self.args, self.kwargs, self.future = args, kwargs, None
+
+    def result(self, timeout=None):
+      self.future = self.future or in_background(*self.args, **self.kwargs)
+      return self.future.result(timeout)
+
+  monkeypatch.setattr(compilation, "in_background", Deferred)
+
+
+def test_missing_init_from(tmp_path, compile_on_demand):
   from nas_jax import train
   c = _cfg(init_from=str(tmp_path / "nope"))
   with pytest.raises(FileNotFoundError, match="init_from.*does not exist"):
     train.train(c, str(tmp_path / "wd"), devices=jax.devices()[:1])
 
 
-def test_incompatible_checkpoint(uninterrupted):
+def test_incompatible_checkpoint(uninterrupted, compile_on_demand):
   from nas_jax import checkpoint, train
   c, full = uninterrupted
   c2 = _cfg(**{"model.embed_dim": 32})
