@@ -18,6 +18,14 @@ def load_config(name: str = "demo.py", arg: str | None = "tiny"):
   return module.get_config(arg)
 
 
+# The tiny demo as the whole-run tests train it (test_train_cli, test_reliability,
+# test_scale_multiprocess): 6 steps, no evaluation, 8 fixed ITM groups. One config, so the runs
+# share their compiled programs (the persistent compilation cache) and conftest's eight_device_run.
+RUN_OVERRIDES = {"eval.enabled": False, "stage2_steps": 0, "total_steps": 6, "log_every": 1,
+                 "checkpoint.every": 0, "itm.hard_negative_groups": 8,
+                 "checkpoint.async_save": False}
+
+
 def tiny_config(**overrides):
   """The demo's tiny config (32 px, 2+2 layers, width 64), with `a.b=value` style overrides."""
   c = load_config()
