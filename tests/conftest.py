@@ -35,6 +35,22 @@ SAMPLES = ROOT.parent / "shared" / "benchmarks" / "samples"
 TORCH_PYTHON = ROOT / ".torchref" / "bin" / "python"
 
 
+# Session scope: a whole run, made once per xdist worker however it interleaves modules.
+@pytest.fixture(scope="session")
+def eight_device_run(tmp_path_factory):
+  """The tiny demo (step_utils.RUN_OVERRIDES) trained in this process on 8 devices:
+  (config, workdir). test_train_cli compares it with one device, test_scale_multiprocess with
+  two processes."""
+  import jax
+  from nas_jax import train
+  from step_utils import RUN_OVERRIDES, tiny_config
+  c = tiny_config(**RUN_OVERRIDES)
+  wd = tmp_path_factory.mktemp("eight_devices")
+  result = train.train(c, str(wd), devices=jax.devices()[:8])
+  assert result.final_step == c.total_steps and not result.interrupted
+  return c, wd
+
+
 @pytest.fixture(scope="session")
 def samples_dir() -> pathlib.Path:
   """The real benchmark sample files (../shared/benchmarks/samples), read in place."""

@@ -18,6 +18,14 @@ def load_config(name: str = "demo.py", arg: str | None = "tiny"):
   return module.get_config(arg)
 
 
+# The tiny demo as the whole-run tests train it (test_train_cli, test_reliability,
+# test_scale_multiprocess): 6 steps, no evaluation, 8 fixed ITM groups. One config, so the runs
+# share their compiled programs (the persistent compilation cache) and conftest's eight_device_run.
+RUN_OVERRIDES = {"eval.enabled": False, "stage2_steps": 0, "total_steps": 6, "log_every": 1,
+                 "checkpoint.every": 0, "itm.hard_negative_groups": 8,
+                 "checkpoint.async_save": False}
+
+
 def tiny_config(**overrides):
   """The demo's tiny config (32 px, 2+2 layers, width 64), with `a.b=value` style overrides."""
   c = load_config()
@@ -50,8 +58,10 @@ def fixed_batch(config, batch_size: int | None = None, seed: int = 0) -> dict:
           "neg_text_ids": neg_ids, "neg_text_mask": neg_mask}
 
 
-def build(config, *, num_groups: int = 1, alpha_warmup_steps: int = 4, seed: int = 0):
-  """(model, tx, schedule, initial state, un-jitted step fn) for `config`."""
+def build(config, *, num_groups: int = 1, alpha_warmup_steps: int = 4, seed: int = 0,
+          init: bool = True):
+  """(model, tx, schedule, initial state, un-jitted step fn) for `config`; init=False: the
+  state's jax.ShapeDtypeStructs instead (no initialisation to compile)."""
   from nas_jax import optim, train_step
   from nas_jax.data.text import load_tokenizer
 
@@ -61,7 +71,7 @@ def build(config, *, num_groups: int = 1, alpha_warmup_steps: int = 4, seed: int
   built = train_step.setup(config, schedule,
                            token_ids=train_step.TokenIds.of(load_tokenizer(config.data.vocab)),
                            num_groups=num_groups, alpha_warmup_steps=alpha_warmup_steps)
-  state = built.init(jax.random.PRNGKey(seed))
+  state = built.init(jax.random.PRNGKey(seed)) if init else built.abstract_state
   return built.model, built.tx, schedule, state, built.step
 
 

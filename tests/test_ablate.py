@@ -186,8 +186,9 @@ def test_tiny_ablation_runs_reports_and_resumes(tmp_path, capsys, monkeypatch):
   invocation runs nothing."""
   monkeypatch.setenv('XLA_FLAGS', ablate.TINY_XLA_FLAGS)   # One CPU device (conftest asks for 8).
   workdir, doc = tmp_path / 'abl', tmp_path / 'ABLATION.md'
+  # Each run's final evaluation: the synthetic suite with 16 cases per subset (200 by default).
   argv = ['--workdir', str(workdir), '--seeds', '1', '--config', f'{CONFIG}:tiny', '--parallel', '2',
-          '--doc', str(doc)]
+          '--doc', str(doc), '--override', 'data.synthetic.bench_per_subset=16']
   assert ablate.main(argv) == 0, capsys.readouterr()
   out = capsys.readouterr().out
   assert 'seed0/stage1_vd: started' in out and 'seed0/ntva: done' in out

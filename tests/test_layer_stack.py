@@ -192,8 +192,8 @@ def test_the_train_step_is_the_same_in_every_layout():
   c_stacked = tiny_config(**over, **{"model.stacked_layout": True})
   batch = fixed_batch(c_unrolled)
   _, _, _, unrolled, step_unrolled = build(c_unrolled)
-  _, _, _, fresh, step_scanned = build(c_scanned)
-  _, _, _, fresh_stacked, step_stacked = build(c_stacked)
+  _, _, _, fresh, step_scanned = build(c_scanned, init=False)
+  _, _, _, fresh_stacked, step_stacked = build(c_stacked, init=False)
   stack = lambda t: layer_stack.stack_layers(t, c_scanned)
   scanned = unrolled.replace(params=stack(unrolled.params), params_m=stack(unrolled.params_m),
                              opt_state=stack(unrolled.opt_state))

@@ -28,14 +28,15 @@ def _config(fsdp: int, scan_layers: bool = True):
                         "itm.hard_negative_groups": 8, "model.scan_layers": scan_layers})
 
 
-def _build_sharded(c):
-  """(initial state, step fn, 8-device mesh, state shardings with the lowered FSDP threshold)."""
+def _build_sharded(c, init: bool = True):
+  """(initial state, step fn, 8-device mesh, state shardings with the lowered FSDP threshold);
+  init=False: the state's shapes only."""
   from nas_jax import sharding
-  _, _, _, state, step = build(c, num_groups=8)
+  _, _, _, state, step = build(c, num_groups=8, init=init)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:8])
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sharding, "FSDP_MIN_SIZE", MIN_SIZE)
-    state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
+    state_sh = sharding.state_shardings(jax.eval_shape(lambda: state) if init else state, mesh)
   return state, step, mesh, state_sh
 
 
@@ -124,8 +125,8 @@ def test_fsdp_shards_large_leaves_only():
   """The rules on the scanned layout's state (the steps above run under exactly these shardings:
   they are the jitted step's in_shardings and out_shardings)."""
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-  state, _, _, shardings = _build_sharded(_config(4))
-  _, _, _, shardings_dp = _build_sharded(_config(1))
+  state, _, _, shardings = _build_sharded(_config(4), init=False)
+  _, _, _, shardings_dp = _build_sharded(_config(1), init=False)
   specs_dp = jax.tree.map(lambda x: x.spec, shardings_dp)
   assert all("fsdp" not in tuple(s) for s in jax.tree.leaves(specs_dp, is_leaf=is_spec))
   split, stacked = _assert_large_leaves_split(state, jax.tree.map(lambda x: x.spec, shardings))
@@ -133,7 +134,7 @@ def test_fsdp_shards_large_leaves_only():
 
 
 def test_fsdp_rules_of_the_unrolled_layout():
-  state, _, _, shardings = _build_sharded(_config(4, scan_layers=False))
+  state, _, _, shardings = _build_sharded(_config(4, scan_layers=False), init=False)
   specs = jax.tree.map(lambda x: x.spec, shardings)
   split, stacked = _assert_large_leaves_split(state, specs)
   assert split > 40 and stacked == 0
