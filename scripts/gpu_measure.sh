@@ -17,7 +17,9 @@
 #   bash scripts/gpu_measure.sh tokamax    # stage-2 step with model.attention=tokamax (text and
 #                                          # fusion layers) beside cudnn
 #   bash scripts/gpu_measure.sh fusions    # tokamax step with XLA's gemm-fusion variants (GELU
-#                                          # form, cuBLAS only, Triton for every dot), HLO counted
+#                                          # form, cuBLAS only, Triton for every dot; cuDNN
+#                                          # LayerNorm, cuBLASLt in command buffers: VARIANTS=...),
+#                                          # HLO counted
 #   bash scripts/gpu_measure.sh round3     # the fastest settings, then with the MLM heads on the
 #                                          # masked positions only (mlm.max_masked)
 #   bash scripts/gpu_measure.sh best       # the fastest settings: a training run as a user runs
@@ -202,6 +204,14 @@ case "${1:-}" in
         tanh_cublas) variant tanh_cublas "--xla_gpu_enable_triton_gemm=false" $T ;;
         exact_cublas) variant exact_cublas "--xla_gpu_enable_triton_gemm=false" ;;
         exact_triton_any) variant exact_triton_any "--xla_gpu_triton_gemm_any=true" ;;
+        # Round 4 (docs/PERF.md): XLA's cuDNN LayerNorm rewrite, and cuBLASLt calls recorded
+        # into command buffers (the cuBLAS-only step dispatches ~570 of them).
+        tanh_cublas_cudnn_ln) variant tanh_cublas_cudnn_ln \
+            "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cudnn_layer_norm=true" $T ;;
+        tanh_cublas_cmdbuf_lt) variant tanh_cublas_cmdbuf_lt \
+            "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer=+CUBLASLT" $T ;;
+        tanh_cmdbuf_lt) variant tanh_cmdbuf_lt "--xla_gpu_enable_command_buffer=+CUBLASLT" $T ;;
+        exact_cmdbuf_lt) variant exact_cmdbuf_lt "--xla_gpu_enable_command_buffer=+CUBLASLT" ;;
       esac
     done
     ;;
