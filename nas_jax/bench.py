@@ -93,6 +93,14 @@ def synthetic_batch(config, batch_size: int, sharding, seed: int = 0) -> dict:
   return jax.jit(make, out_shardings=sharding)(jax.random.PRNGKey(seed))
 
 
+def dtype_label(config) -> str:
+  """The compute dtype, and the residual stream's where it differs: 'bfloat16 (residual
+  bfloat16)'."""
+  m = config.model
+  residual = m.get("residual_dtype", "float32")
+  return m.dtype if residual == "float32" else f"{m.dtype} (residual {residual})"
+
+
 def attention_label(config) -> str:
   from nas_jax.models.attention import resolve_implementation
   from nas_jax.models.nas import compute_dtype
@@ -351,7 +359,7 @@ def run(config, *, batch: int, steps: int = 25, warmup: int = 3, label: str = ""
                               else flops_lib.mfu(flops, batch / med, peak_tf, devices))
   row = {
       "config": label, "stage": 2 if c.nva.enabled else 1,
-      "batch": batch, "devices": devices, "dtype": c.model.dtype,
+      "batch": batch, "devices": devices, "dtype": dtype_label(c),
       "attention": attention_label(c), "remat": bool(c.model.remat),
       "scan_layers": bool(c.model.get("scan_layers", False)),
       "stacked_layout": bool(c.model.get("stacked_layout", False)),

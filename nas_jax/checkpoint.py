@@ -44,7 +44,8 @@ NOT_SHAPE_KEYS = ("model.dtype", "model.attention", "model.vit_attention", "mode
                   "model.bert.initializer_range", "model.bert.hidden_dropout",
                   "model.bert.attention_dropout", "model.dictionary.momentum",
                   "model.dictionary.frozen", "model.dictionary.reuse_gate",
-                  "model.dictionary.init", "model.dictionary.init_std", "model.fp8")
+                  "model.dictionary.init", "model.dictionary.init_std", "model.fp8",
+                  "model.residual_dtype")
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
                                      # (BERT's 0.1).
   c.model.vit_attention = ''         # Override for the ViT only ('' = model.attention); the
                                      # ViT has no dropout, so 'auto' there changes nothing but speed.
+  c.model.residual_dtype = 'float32' # The residual stream between the ViT / BERT layers (the
+                                     # residual adds and LayerNorm outputs): 'float32' (ALBEF) or
+                                     # 'bfloat16' (half their memory traffic; statistics stay
+                                     # float32; docs/PERF.md). Same params either way.
   c.model.remat = False              # Rematerialise each transformer layer.
   c.model.scan_layers = False        # True: each layer stack (ViT blocks, BERT text / fusion
                                      # layers) as one nn.scan over stacked params: compiles ~4x
@@ -291,6 +295,7 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
   return {
       "nonfinite": ("stop", "skip"),
       "model.dtype": ("float32", "bfloat16"),
+      "model.residual_dtype": ("float32", "bfloat16"),
       "model.attention": attention,
       "model.vit_attention": ("",) + attention,
       "model.vit.gelu": GELU_KINDS,

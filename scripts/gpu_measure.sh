@@ -22,6 +22,9 @@
 #                                          # HLO counted
 #   bash scripts/gpu_measure.sh round3     # the fastest settings, then with the MLM heads on the
 #                                          # masked positions only (mlm.max_masked)
+#   bash scripts/gpu_measure.sh residual   # model.residual_dtype: the fastest settings' bench
+#                                          # with a float32 and a bfloat16 residual stream, and
+#                                          # their loss curves (ablation model, from scratch)
 #   bash scripts/gpu_measure.sh best       # the fastest settings: a training run as a user runs
 #                                          # it, then (PROFILE=0: not) the bench with a profile;
 #                                          # BEST_EXTRA: more config flags for both; TRAIN=0: the
@@ -240,6 +243,34 @@ case "${1:-}" in
           || echo "[round3] $v failed: see above" >&2
     done
     ;;
+  residual)
+    # model.residual_dtype=bfloat16 (the residual stream between the ViT / BERT layers in
+    # bfloat16): (a) the stage-2 bench with the fastest pipelined settings (tokamax attention,
+    # tanh GELU, cuBLAS gemms), float32 stream then bfloat16; (b) loss curves of the ablation's
+    # stage-1 model from scratch, both streams side by side on the one GPU, for what is left of
+    # the slot (at most 500 steps; SIGTERM makes each run save and stop).
+    tokamax_env
+    B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax
+       --config.model.vit.gelu=tanh --config.model.bert.gelu=tanh"
+    for r in float32 bfloat16; do
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python3 -m nas_jax.bench $B \
+          --config.model.residual_dtype=$r --label "stage2 fastest, residual $r" \
+          --json_out "$OUT/residual.jsonl" || echo "[residual] the $r bench failed: see above" >&2
+    done
+    rm -rf runs/residual_curves
+    left=$((SECONDS_LEFT - SECONDS - 30)); [ "$left" -ge 60 ] || left=60
+    for r in float32 bfloat16; do
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout -k 30 "$left" python3 -m nas_jax.train \
+          --config configs/ablation.py:stage1_vd --workdir "runs/residual_curves/$r" \
+          --config.model.residual_dtype=$r --config.total_steps=500 \
+          --config.optim.schedule_steps=-1 --config.log_every=10 --config.eval.enabled=False \
+          --config.checkpoint.every=0 > "$OUT/residual_train_$r.log" 2>&1 &
+    done
+    wait
+    python3 -c "from nas_jax.ablate import curve_table; print(curve_table({'float32': \
+        'runs/residual_curves/float32', 'bfloat16': 'runs/residual_curves/bfloat16'}))" \
+        | tee "$OUT/residual_curves.md"
+    ;;
   best)
     # The fastest settings measured (docs/PERF.md): tokamax attention in the text and fusion
     # layers, tanh GELU, cuBLAS gemms (Triton gemm autotuning off, so XLA's gemm rewriter fuses
@@ -269,7 +300,7 @@ case "${1:-}" in
     cp runs/best/prof/top_ops.md "$OUT/best_top_ops.md" 2>/dev/null || true
     ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|best" >&2
+    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual|best" >&2
     exit 2
     ;;
 esac

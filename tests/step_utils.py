@@ -140,3 +140,22 @@ def assert_fp8_close(runs: dict) -> None:
   assert all(bool(np.all(np.isfinite(np.asarray(g)))) for g in jax.tree.leaves(grads8))
   for got, want in zip(grads8, grads16):   # per argument: parameters, inputs
     assert relative_error(got, want) < 0.15
+
+
+def layer_stream_dtypes(run, layer_type) -> list[tuple[str, str]]:
+  """Calls `run()` and records, for every call of a `layer_type` module, the dtype of the
+  residual stream it received (its first argument) and the one it returned (the first element
+  where it returns a scan body's (carry, output))."""
+  import flax.linen as nn
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, layer_type) and context.method_name == "__call__":
+      stream = out[0] if isinstance(out, tuple) else out
+      seen.append((str(args[0].dtype), str(stream.dtype)))
+    return out
+
+  with nn.intercept_methods(record):
+    run()
+  return seen

@@ -210,6 +210,30 @@ def test_bfloat16_compute():
   assert bf16_model.apply(params, bf16, method="mlm_logits").dtype == jnp.float32
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_bfloat16_residual_stream_between_the_layers(scan):
+  """`model.residual_dtype='bfloat16'`: every text and fusion layer takes and returns its stream
+  (the post-norm LayerNorms' outputs) in bfloat16, in both layouts; `text` and `fuse` still
+  return float32, close to the float32 stream's, and the MLM logits stay float32."""
+  from nas_jax.models.bert import ScanLayer
+  from step_utils import layer_stream_dtypes
+  cfg = tiny_config()
+  _, params, (ids, mask, image) = _init(cfg, scan_layers=scan)
+  model = lambda residual: BertModel(cfg, dtype=jnp.bfloat16, scan_layers=scan,
+                                     residual_dtype=residual)
+  f32 = model(jnp.float32).apply(params, ids, mask, image)
+  bf16 = model(jnp.bfloat16).apply(params, ids, mask, image)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.15, rtol=0)
+  assert float(jnp.abs(bf16 - f32).max()) > 0
+  assert model(jnp.bfloat16).apply(params, bf16, method="mlm_logits").dtype == jnp.float32
+  layer = ScanLayer if scan else BertLayer
+  streams = layer_stream_dtypes(lambda: model(jnp.bfloat16).apply(params, ids, mask, image), layer)
+  assert streams and all(s == ("bfloat16", "bfloat16") for s in streams), streams
+  if not scan:   # (nn.scan traces its body more than once per stack.)
+    assert len(streams) == cfg.num_layers
+
+
 def test_remat_computes_the_same_function_in_training():
   """Rematerialised layers (dropout's `deterministic` a static argument) give identical outputs,
   dropout masks included. Gradient equality under remat is checked on the ViT (test_vit.py)."""

@@ -80,6 +80,8 @@ def _copy(reference, tmp_path) -> pathlib.Path:
     ("nva.scope", "all", r"config.nva.scope='all': use one of 'image', 'primary'"),
     ("nva.norm", "l1", r"'l2', 'max'"),
     ("model.dtype", "fp16", r"config.model.dtype='fp16': use one of 'float32', 'bfloat16'"),
+    ("model.residual_dtype", "float16",
+     r"config.model.residual_dtype='float16': use one of 'float32', 'bfloat16'"),
     ("model.attention", "flash", r"'xla', 'cudnn', 'tokamax', 'auto'"),
     ("model.vit_attention", "flash", r"config.model.vit_attention='flash': use one of '', 'xla'"),
     ("model.vit.gelu", "fast", r"config.model.vit.gelu='fast': use one of 'exact', 'tanh'"),

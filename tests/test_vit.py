@@ -160,6 +160,34 @@ def test_bfloat16_compute_is_close_and_returns_float32():
   assert float(jnp.abs(bf16 - f32).max()) > 0  # bf16 really was used.
 
 
+def test_bfloat16_residual_stream_between_the_blocks():
+  """`model.residual_dtype='bfloat16'`: every block takes and returns its stream in bfloat16; the
+  output stays float32 (the final LayerNorm), close to the float32 stream's, and the gradients
+  too."""
+  from step_utils import layer_stream_dtypes
+  cfg = vit_config()
+  params, images = _init_small()
+  model = lambda residual: VisionTransformer(cfg, dtype=jnp.bfloat16, residual_dtype=residual)
+  f32 = model(jnp.float32).apply(params, images)
+  bf16 = model(jnp.bfloat16).apply(params, images)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.1, rtol=0)
+  assert float(jnp.abs(bf16 - f32).max()) > 0
+  streams = lambda residual: layer_stream_dtypes(
+      lambda: model(residual).apply(params, images), Block)
+  assert streams(jnp.bfloat16) == [("bfloat16", "bfloat16")] * DEPTH
+  assert streams(jnp.float32) == [("float32", "float32")] * DEPTH
+  # A fixed random read-out (the sum of squares of LayerNorm outputs is nearly constant: its
+  # gradients would be rounding noise). Each gradient within 5 % of float32 compute's, as
+  # bfloat16 compute alone is within ~2 %.
+  readout = jnp.asarray(np.random.default_rng(5).normal(size=f32.shape), jnp.float32)
+  loss = lambda residual, dtype=jnp.bfloat16: lambda p: jnp.sum(
+      VisionTransformer(cfg, dtype=dtype, residual_dtype=residual).apply(p, images) * readout)
+  got, want = jax.grad(loss(jnp.bfloat16))(params), jax.grad(loss(jnp.float32, jnp.float32))(params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert float(jnp.linalg.norm(g - w)) <= 0.05 * float(jnp.linalg.norm(w))
+
+
 def test_remat_gives_the_same_gradients():
   cfg = vit_config()
   params, images = _init_small()

@@ -35,34 +35,39 @@ def _normal(config):
   return nn.initializers.normal(stddev=config.get("initializer_range", 0.02))
 
 
-def _layer_norm(config):
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32)
+def _layer_norm(config, dtype=jnp.float32):
+  """BERT's LayerNorm; statistics in float32, the output in `dtype`."""
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype)
 
 
 class DenseResidualNorm(nn.Module):
-  """HF's BertSelfOutput / BertOutput: LayerNorm(residual + Dropout(Dense(x)))."""
+  """HF's BertSelfOutput / BertOutput: LayerNorm(residual + Dropout(Dense(x))), the sum and the
+  output in `residual_dtype` (the residual stream's)."""
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
   fp8: bool = False
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
     self.dense = fp8_lib.dense(self.config.hidden_size, fp8=self.fp8, dtype=self.dtype,
                                kernel_init=_normal(self.config))
-    self.LayerNorm = _layer_norm(self.config)
+    self.LayerNorm = _layer_norm(self.config, self.residual_dtype)
     self.dropout = nn.Dropout(self.config.hidden_dropout)
 
   def __call__(self, x, residual, deterministic: bool):
     x = self.dropout(self.dense(x), deterministic=deterministic)
-    return self.LayerNorm(x.astype(jnp.float32) + residual)
+    return self.LayerNorm(x.astype(self.residual_dtype) + residual.astype(self.residual_dtype))
 
 
 class BertAttention(MultiHeadAttention):
   """Self- or cross-attention block: 'query', 'key', 'value' and 'output' {'dense', 'LayerNorm'}."""
   config: ml_collections.ConfigDict = None
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
     super().setup()
-    self.output = DenseResidualNorm(self.config, dtype=self.dtype, fp8=self.fp8)
+    self.output = DenseResidualNorm(self.config, dtype=self.dtype, fp8=self.fp8,
+                                    residual_dtype=self.residual_dtype)
 
   def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True):
     """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk]."""
@@ -91,21 +96,25 @@ class BertLayer(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   fp8: bool = False
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
     c = self.config
     make = functools.partial(
         BertAttention, num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
         implementation=self.attention, dropout_rate=c.attention_dropout, fused_qkv=False,
-        out_proj=False, kernel_init=_normal(c), config=c, fp8=self.fp8)
+        out_proj=False, kernel_init=_normal(c), config=c, fp8=self.fp8,
+        residual_dtype=self.residual_dtype)
     self.attention_block = make(name="attention")
     if self.cross_attention:
       self.crossattention = make()
     self.intermediate = Intermediate(c, dtype=self.dtype, fp8=self.fp8)
-    self.output = DenseResidualNorm(c, dtype=self.dtype, fp8=self.fp8)
+    self.output = DenseResidualNorm(c, dtype=self.dtype, fp8=self.fp8,
+                                    residual_dtype=self.residual_dtype)
 
   def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True):
-    """hidden [B, L, D] float32; mask [B, L]; image_tokens [B, Ni, Dv]; image_mask [B, Ni] or None."""
+    """hidden [B, L, D] in the residual stream's dtype; mask [B, L]; image_tokens [B, Ni, Dv];
+    image_mask [B, Ni] or None."""
     x = self.attention_block(hidden, key_mask=mask, deterministic=deterministic)
     if self.cross_attention:
       x = self.crossattention(x, image_tokens, key_mask=image_mask, deterministic=deterministic)
@@ -120,9 +129,10 @@ class ScanLayer(BertLayer):
 
 
 class BertEmbeddings(nn.Module):
-  """word + position + token_type(0) → LayerNorm → Dropout."""
+  """word + position + token_type(0) → LayerNorm → Dropout; the output in `residual_dtype`."""
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
     c = self.config
@@ -131,7 +141,7 @@ class BertEmbeddings(nn.Module):
     self.word_embeddings = embed(c.vocab_size)
     self.position_embeddings = embed(c.max_position_embeddings)
     self.token_type_embeddings = embed(c.type_vocab_size)
-    self.LayerNorm = _layer_norm(c)
+    self.LayerNorm = _layer_norm(c, self.residual_dtype)
     self.dropout = nn.Dropout(c.hidden_dropout)
 
   def __call__(self, ids, deterministic: bool):
@@ -200,6 +210,9 @@ class BertModel(nn.Module):
       (models/layer_stack.py). Same function either way; dropout masks differ (rngs per layer).
     fp8: the text and fusion layers' Dense layers in FP8 (`model.fp8`, models/fp8.py); the
       embeddings and the MLM head stay in `dtype`. Same parameters either way.
+    residual_dtype: the residual stream between the layers, i.e. the post-norm LayerNorms'
+      outputs (`model.residual_dtype`): float32, or bfloat16 for half the memory traffic of the
+      residual adds and LayerNorms. Same parameters either way.
 
   Masks are int/bool [B, L] with 1 on real tokens. Hidden states returned are float32.
   """
@@ -209,19 +222,20 @@ class BertModel(nn.Module):
   remat: bool = False
   scan_layers: bool = False
   fp8: bool = False
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
     c = self.config
     if not 0 <= c.fusion_layer <= c.num_layers:
       raise ValueError(f"bert.fusion_layer={c.fusion_layer} must lie in [0, num_layers="
                        f"{c.num_layers}]")
-    self.embeddings = BertEmbeddings(c, dtype=self.dtype)
+    self.embeddings = BertEmbeddings(c, dtype=self.dtype, residual_dtype=self.residual_dtype)
     if self.scan_layers:
       def stack(count: int, cross: bool):
         # `deterministic` (argument 5, counting self) is static under remat: it selects dropout.
         scanned = layer_stack.scanned(ScanLayer, count, remat=self.remat, static_argnums=(5,))
         return scanned(c, cross_attention=cross, dtype=self.dtype, attention=self.attention,
-                       fp8=self.fp8)
+                       fp8=self.fp8, residual_dtype=self.residual_dtype)
 
       if c.fusion_layer > 0:
         self.text_layers = stack(c.fusion_layer, False)
@@ -230,7 +244,8 @@ class BertModel(nn.Module):
     else:
       layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
       self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
-                          attention=self.attention, fp8=self.fp8) for i in range(c.num_layers)]
+                          attention=self.attention, fp8=self.fp8,
+                          residual_dtype=self.residual_dtype) for i in range(c.num_layers)]
     self.cls = MLMHead(c, dtype=self.dtype)
 
   def embed(self, ids: jax.Array, *, train: bool = False) -> jax.Array:
@@ -264,7 +279,7 @@ class BertModel(nn.Module):
     length = ids.shape[1]
     x, mask = self._even_length(self.embed(ids, train=train), mask)
     x = self._layers(False, x, mask, None, None, not train)
-    return x[:, :length]
+    return x[:, :length].astype(jnp.float32)
 
   def fuse(self, hidden: jax.Array, mask: jax.Array, image_tokens: jax.Array,
            image_mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
@@ -282,7 +297,7 @@ class BertModel(nn.Module):
       [B, L, D] float32; [:, 0] feeds the ITM head.
     """
     length = hidden.shape[1]
-    x, mask = self._even_length(hidden, mask)
+    x, mask = self._even_length(hidden.astype(self.residual_dtype), mask)
     # Keys/values of every fusion layer read the image tokens in the compute dtype: cast once.
     image_tokens = image_tokens.astype(self.dtype)
     if self.attention == "cudnn" and image_tokens.shape[1] % 2:
@@ -291,7 +306,7 @@ class BertModel(nn.Module):
         image_mask = jnp.ones((rows, image_tokens.shape[1]), jnp.int32)
       image_tokens, image_mask = self._even_length(image_tokens, image_mask)
     x = self._layers(True, x, mask, image_tokens, image_mask, not train)
-    return x[:, :length]
+    return x[:, :length].astype(jnp.float32)
 
   def mlm_logits(self, hidden: jax.Array) -> jax.Array:
     """[B, L, D] → float32 [B, L, V] (decoder weight = word embeddings)."""

@@ -34,11 +34,12 @@ from nas_jax.models.vit import VisionTransformer
 MOMENTUM_KEYS = ("vit", "bert", "vision_proj", "text_proj")
 
 
-def compute_dtype(name: str):
+def compute_dtype(name: str, key: str = "model.dtype"):
+  """'float32' | 'bfloat16' → the jnp dtype; `key` names the config key in the error."""
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
   except KeyError:
-    raise ValueError(f"config.model.dtype={name!r}: use 'float32' or 'bfloat16'") from None
+    raise ValueError(f"config.{key}={name!r}: use 'float32' or 'bfloat16'") from None
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -60,11 +61,13 @@ class NASModel(nn.Module):
     dtype = compute_dtype(c.dtype)
     scan = c.get("scan_layers", False)  # Absent from configs saved before the switch: unrolled.
     fp8 = c.get("fp8", False)           # Likewise.
+    residual = compute_dtype(c.get("residual_dtype", "float32"), key="model.residual_dtype")
     vit_attention = resolve_implementation(c.vit_attention or c.attention, dtype)
     self.vit = VisionTransformer(config=c.vit, dtype=dtype, remat=c.remat, scan_layers=scan,
-                                 fp8=fp8, attention=vit_attention)
+                                 fp8=fp8, attention=vit_attention, residual_dtype=residual)
     self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat, scan_layers=scan, fp8=fp8,
-                          attention=resolve_implementation(c.attention, dtype))
+                          attention=resolve_implementation(c.attention, dtype),
+                          residual_dtype=residual)
     self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.itm_head = nn.Dense(2, dtype=jnp.float32)

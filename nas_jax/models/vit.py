@@ -3,6 +3,7 @@
 Image [B, H, W, 3] → 16×16 patches → linear embedding → `[CLS] + patches` + learned position
 embedding → pre-norm blocks (LN → MHSA with qkv bias → residual; LN → MLP with exact GELU →
 residual) → final LayerNorm (eps 1e-6). No dropout or drop-path: ALBEF pretrains with rates 0.
+The residual stream between the blocks is float32 unless `residual_dtype` says otherwise.
 
 Parameter names follow timm, so converting a DeiT / ALBEF checkpoint is a rename
 (`nas_jax/convert.py`); the blocks run as one scanned stack 'blocks' with a leading layer axis
@@ -92,8 +93,10 @@ class Block(nn.Module):
                    gelu=c.get("gelu", "exact"), fp8=self.fp8)
 
   def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
-    x = x + self.attn(self.norm1(x), key_lengths=key_lengths)
-    return x + self.mlp(self.norm2(x))
+    """x [B, T, D] in the residual stream's dtype, which the block keeps (LayerNorm statistics
+    are float32 whatever it is)."""
+    x = x + self.attn(self.norm1(x), key_lengths=key_lengths).astype(x.dtype)
+    return x + self.mlp(self.norm2(x)).astype(x.dtype)
 
 
 class ScanBlock(Block):
@@ -117,6 +120,9 @@ class VisionTransformer(nn.Module):
       else unrolled, params 'blocks_{i}' (models/layer_stack.py). Same function either way.
     fp8: the blocks' Dense layers in FP8 (`model.fp8`, models/fp8.py); the patch embedding stays in
       `dtype`. Same parameters either way.
+    residual_dtype: the residual stream between the blocks (`model.residual_dtype`): float32, or
+      bfloat16 for half the memory traffic of the residual adds and LayerNorms. The output is
+      float32 either way. Same parameters either way.
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
@@ -124,6 +130,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   scan_layers: bool = False
   fp8: bool = False
+  residual_dtype: Any = jnp.float32
 
   def setup(self):
     c = self.config
@@ -163,7 +170,8 @@ class VisionTransformer(nn.Module):
     x = self.patch_embed(images.astype(self.dtype))
     batch, tokens = x.shape[0], 1 + x.shape[1]
     cls = jnp.broadcast_to(self.cls_token, (batch, 1, c.hidden_size)).astype(x.dtype)
-    x = jnp.concatenate([cls, x], axis=1).astype(jnp.float32) + self.pos_embed
+    x = (jnp.concatenate([cls, x], axis=1).astype(jnp.float32)
+         + self.pos_embed).astype(self.residual_dtype)
     key_lengths = None
     if self.attention == "cudnn" and tokens % 2:
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
