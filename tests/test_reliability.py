@@ -103,6 +103,18 @@ def test_validate_names_key_value_and_choices(key, value, message):
   assert "\n" not in str(e.value)
 
 
+def test_numerics_switches_may_change_on_resume_shapes_may_not():
+  """A run saved with the float32 residual stream, exact GELU and bf16 matmuls can be resumed or
+  continued with any of those switched (same parameters); a width change is refused by name."""
+  from nas_jax import checkpoint
+  saved = checkpoint.config_to_dict(_cfg())
+  checkpoint.check_compatible(saved, _cfg(**{"model.residual_dtype": "bfloat16",
+                                             "model.vit.gelu": "tanh", "model.bert.gelu": "tanh",
+                                             "model.fp8": True}), "a float32-stream run")
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"model.embed_dim"):
+    checkpoint.check_compatible(saved, _cfg(**{"model.embed_dim": 32}), "a width-64 run")
+
+
 def test_nva_needs_the_dictionary():
   from nas_jax import config_lib
   with pytest.raises(config_lib.ConfigError, match="config.nva.enabled=True: needs config.model."
