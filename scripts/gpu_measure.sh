@@ -300,7 +300,8 @@ case "${1:-}" in
     cp runs/best/prof/top_ops.md "$OUT/best_top_ops.md" 2>/dev/null || true
     ;;
   *)
-    echo "usage: bash scripts/gpu_measure.sh ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual|best" >&2
+    parts="ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual|best"
+    echo "usage: bash scripts/gpu_measure.sh $parts" >&2
     exit 2
     ;;
 esac
