@@ -58,6 +58,35 @@ tokamax_env() {
   export PYTHONPATH=${PYTHONPATH:-$PWD}:/tmp/xprof_stub
 }
 
+loss_curves() {
+  # loss_curves NAME KEY LABEL=VALUE LABEL=VALUE: the ablation's stage-1 model (width 256, 4 + 4
+  # layers, VD, bf16, batch 128) from scratch for 500 steps, once per --config.KEY=VALUE, side by
+  # side on the one GPU; then $OUT/NAME_curves.md (ablate.curve_table), each run's log and
+  # metrics. If the slot runs out, SIGTERM (not SIGINT: background jobs ignore it) makes each run
+  # save and stop, and the table covers what was logged.
+  local name=$1 key=$2; shift 2
+  local left=$((SECONDS_LEFT - SECONDS - 30)) run label dirs=""
+  [ "$left" -ge 60 ] || left=60
+  rm -rf "runs/${name}_curves"
+  for run in "$@"; do
+    label=${run%%=*}
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout -k 30 "$left" python3 -m nas_jax.train \
+        --config configs/ablation.py:stage1_vd --workdir "runs/${name}_curves/$label" \
+        --config.$key=${run#*=} --config.total_steps=500 --config.optim.schedule_steps=-1 \
+        --config.log_every=10 --config.eval.enabled=False --config.checkpoint.every=0 \
+        > "$OUT/${name}_train_$label.log" 2>&1 &
+  done
+  wait
+  for run in "$@"; do
+    label=${run%%=*}
+    cp "runs/${name}_curves/$label/metrics.jsonl" "$OUT/${name}_metrics_$label.jsonl" \
+        2>/dev/null || true
+    dirs="$dirs'$label': 'runs/${name}_curves/$label', "
+  done
+  python3 -c "from nas_jax.ablate import curve_table; print(curve_table({$dirs}))" \
+      | tee "$OUT/${name}_curves.md"
+}
+
 case "${1:-}" in
   ablation)
     # Stops itself (SIGINT: every run saves) before the slot ends; a second call resumes it.
@@ -137,26 +166,8 @@ case "${1:-}" in
         grep -o '"kind":"__[a-z_]*"' "$hlo" | sort | uniq -c || true
       } | tee -a "$OUT/fp8_hlo.txt"
     done
-    # (b) Loss curves: the ablation's stage-1 model (width 256, 4 + 4 layers, VD, bf16, batch 128)
-    # from scratch for 500 steps, bf16 and FP8 side by side on the one GPU. If the slot runs out,
-    # SIGTERM (not SIGINT: background jobs ignore it) makes each run save and stop, and the table
-    # covers what was logged.
-    rm -rf runs/fp8_curves
-    left=$((SECONDS_LEFT - SECONDS - 30)); [ "$left" -ge 60 ] || left=60
-    for fp8 in False True; do
-      name=$([ "$fp8" = True ] && echo fp8 || echo bf16)
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout -k 30 "$left" python3 -m nas_jax.train \
-          --config configs/ablation.py:stage1_vd --workdir "runs/fp8_curves/$name" \
-          --config.model.fp8=$fp8 --config.total_steps=500 --config.optim.schedule_steps=-1 \
-          --config.log_every=10 --config.eval.enabled=False --config.checkpoint.every=0 \
-          > "$OUT/fp8_train_$name.log" 2>&1 &
-    done
-    wait
-    for name in bf16 fp8; do
-      cp "runs/fp8_curves/$name/metrics.jsonl" "$OUT/fp8_metrics_$name.jsonl" 2>/dev/null || true
-    done
-    python3 -c "from nas_jax.ablate import curve_table; print(curve_table({'bf16': \
-        'runs/fp8_curves/bf16', 'fp8': 'runs/fp8_curves/fp8'}))" | tee "$OUT/fp8_curves.md"
+    # (b) Loss curves, bf16 and FP8 side by side (loss_curves above).
+    loss_curves fp8 model.fp8 bf16=False fp8=True
     ;;
   kernels)
     # Capped at 170 s (SIGINT; kernels.jsonl keeps every cell measured by then); the table also
@@ -246,9 +257,8 @@ case "${1:-}" in
   residual)
     # model.residual_dtype=bfloat16 (the residual stream between the ViT / BERT layers in
     # bfloat16): (a) the stage-2 bench with the fastest pipelined settings (tokamax attention,
-    # tanh GELU, cuBLAS gemms), float32 stream then bfloat16; (b) loss curves of the ablation's
-    # stage-1 model from scratch, both streams side by side on the one GPU, for what is left of
-    # the slot (at most 500 steps; SIGTERM makes each run save and stop).
+    # tanh GELU, cuBLAS gemms), float32 stream then bfloat16; (b) loss curves of both streams
+    # side by side (loss_curves above), for what is left of the slot.
     tokamax_env
     B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax
        --config.model.vit.gelu=tanh --config.model.bert.gelu=tanh"
@@ -257,19 +267,7 @@ case "${1:-}" in
           --config.model.residual_dtype=$r --label "stage2 fastest, residual $r" \
           --json_out "$OUT/residual.jsonl" || echo "[residual] the $r bench failed: see above" >&2
     done
-    rm -rf runs/residual_curves
-    left=$((SECONDS_LEFT - SECONDS - 30)); [ "$left" -ge 60 ] || left=60
-    for r in float32 bfloat16; do
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 timeout -k 30 "$left" python3 -m nas_jax.train \
-          --config configs/ablation.py:stage1_vd --workdir "runs/residual_curves/$r" \
-          --config.model.residual_dtype=$r --config.total_steps=500 \
-          --config.optim.schedule_steps=-1 --config.log_every=10 --config.eval.enabled=False \
-          --config.checkpoint.every=0 > "$OUT/residual_train_$r.log" 2>&1 &
-    done
-    wait
-    python3 -c "from nas_jax.ablate import curve_table; print(curve_table({'float32': \
-        'runs/residual_curves/float32', 'bfloat16': 'runs/residual_curves/bfloat16'}))" \
-        | tee "$OUT/residual_curves.md"
+    loss_curves residual model.residual_dtype float32=float32 bfloat16=bfloat16
     ;;
   best)
     # The fastest settings measured (docs/PERF.md): tokamax attention in the text and fusion
