@@ -261,15 +261,21 @@ case "${1:-}" in
     # model.residual_dtype=bfloat16 (the residual stream between the ViT / BERT layers in
     # bfloat16): (a) the stage-2 bench with the fastest pipelined settings (tokamax attention,
     # tanh GELU, cuBLAS gemms), float32 stream then bfloat16; (b) loss curves of both streams
-    # side by side (loss_curves above), for what is left of the slot.
+    # side by side (loss_curves above), for what is left of the slot. RESIDUALS="bfloat16": one
+    # stream only; GEMMS=default: XLA's default gemms (Triton autotuning on) instead of cuBLAS
+    # only; CURVES=0: the benches only.
     tokamax_env
     B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax
        --config.model.vit.gelu=tanh --config.model.bert.gelu=tanh"
-    for r in float32 bfloat16; do
-      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python3 -m nas_jax.bench $B \
-          --config.model.residual_dtype=$r --label "stage2 fastest, residual $r" \
+    gemms=--xla_gpu_enable_triton_gemm=false
+    [ "${GEMMS:-cublas}" = default ] && gemms=""
+    for r in ${RESIDUALS:-float32 bfloat16}; do
+      XLA_FLAGS="${XLA_FLAGS:-} $gemms" python3 -m nas_jax.bench $B \
+          --config.model.residual_dtype=$r \
+          --label "stage2 fastest, residual $r, ${GEMMS:-cublas} gemms" \
           --json_out "$OUT/residual.jsonl" || echo "[residual] the $r bench failed: see above" >&2
     done
+    [ "${CURVES:-1}" = 1 ] || exit 0
     loss_curves residual model.residual_dtype float32=float32 bfloat16=bfloat16
     ;;
   layernorm)
