@@ -94,15 +94,11 @@ def synthetic_batch(config, batch_size: int, sharding, seed: int = 0) -> dict:
 
 
 def dtype_label(config) -> str:
-  """The compute dtype, the residual stream's where it differs and the LayerNorm backward where
-  it is not XLA's: 'bfloat16 (residual bfloat16, LN pallas)'."""
+  """The compute dtype, and the residual stream's where it differs: 'bfloat16 (residual
+  bfloat16)'."""
   m = config.model
-  notes = []
-  if m.get("residual_dtype", "float32") != "float32":
-    notes.append(f"residual {m.residual_dtype}")
-  if m.get("layer_norm", "xla") != "xla":
-    notes.append(f"LN {m.layer_norm}")
-  return f"{m.dtype} ({', '.join(notes)})" if notes else m.dtype
+  residual = m.get("residual_dtype", "float32")
+  return m.dtype if residual == "float32" else f"{m.dtype} (residual {residual})"
 
 
 def attention_label(config) -> str:

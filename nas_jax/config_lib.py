@@ -115,10 +115,6 @@ def base_config() -> ml_collections.ConfigDict:
                                      # residual adds and LayerNorm outputs): 'float32' (ALBEF) or
                                      # 'bfloat16' (half their memory traffic; statistics stay
                                      # float32; docs/PERF.md). Same params either way.
-  c.model.layer_norm = 'xla'         # The ViT / BERT LayerNorms' backward: 'xla' (XLA
-                                     # differentiates them) or 'pallas' (one Pallas-Triton kernel
-                                     # per LayerNorm on GPUs, eq. 2 of models/layer_norm.py; the
-                                     # same equations as XLA ops elsewhere). Same function.
   c.model.remat = False              # Rematerialise each transformer layer.
   c.model.scan_layers = False        # True: each layer stack (ViT blocks, BERT text / fusion
                                      # layers) as one nn.scan over stacked params: compiles ~4x
@@ -294,7 +290,6 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
   from nas_jax.benchmarks.common import SCORE_MODES
   from nas_jax.data.sources import SOURCES
   from nas_jax.models.activations import GELU_KINDS
-  from nas_jax.models import layer_norm
   from nas_jax.models.attention import IMPLEMENTATIONS
   attention = IMPLEMENTATIONS + ("auto",)
   return {
@@ -303,7 +298,6 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
       "model.residual_dtype": ("float32", "bfloat16"),
       "model.attention": attention,
       "model.vit_attention": ("",) + attention,
-      "model.layer_norm": layer_norm.IMPLEMENTATIONS,
       "model.vit.gelu": GELU_KINDS,
       "model.bert.gelu": GELU_KINDS,
       "model.dictionary.init": ("normal", "data"),

@@ -71,17 +71,6 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "config.data.bat
         f"{dict(mesh.shape)}: use a multiple of {shards}")
 
 
-def batch_axes_of_mesh(batch: int) -> tuple[str, ...]:
-  """The batch axes (size > 1) of the mesh set with `jax.set_mesh` that split `batch` rows
-  evenly; () outside a mesh or for a batch they do not split (the 1-row init pass). Pallas
-  kernels, which XLA cannot partition, run per batch shard over these axes (`jax.shard_map`)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return ()
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  return axes if batch % int(np.prod([mesh.shape[a] for a in axes])) == 0 else ()
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

@@ -25,9 +25,6 @@
 #   bash scripts/gpu_measure.sh residual   # model.residual_dtype: the fastest settings' bench
 #                                          # with a float32 and a bfloat16 residual stream, and
 #                                          # their loss curves (ablation model, from scratch)
-#   bash scripts/gpu_measure.sh layernorm  # model.layer_norm: the LayerNorm kernel bench, then
-#                                          # the fastest settings' bench (bfloat16 residual
-#                                          # stream) with XLA's and the one-pass LN backward
 #   bash scripts/gpu_measure.sh best       # the fastest settings: a training run as a user runs
 #                                          # it, then (PROFILE=0: not) the bench with a profile;
 #                                          # BEST_EXTRA: more config flags for both; TRAIN=0: the
@@ -278,24 +275,6 @@ case "${1:-}" in
     [ "${CURVES:-1}" = 1 ] || exit 0
     loss_curves residual model.residual_dtype float32=float32 bfloat16=bfloat16
     ;;
-  layernorm)
-    # model.layer_norm='pallas' (the LayerNorms' one-pass backward kernel, models/layer_norm.py):
-    # (a) the kernel bench's LayerNorm part (flax / ours with the kernel / tokamax), capped at
-    # 80 s; (b) the stage-2 bench with the fastest settings and the bfloat16 residual stream,
-    # once per LN_VARIANTS entry (xla, pallas), no compilation cache.
-    tokamax_env
-    timeout -s INT 80 python3 scripts/kernel_bench.py --only ln --iters 30 \
-        --json_out "$OUT/layernorm_kernels.jsonl" | tee "$OUT/layernorm_kernels.md" \
-        || echo "[layernorm] the kernel bench failed: see above" >&2
-    B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax
-       --config.model.vit.gelu=tanh --config.model.bert.gelu=tanh
-       --config.model.residual_dtype=${RESIDUAL:-bfloat16}"
-    for v in ${LN_VARIANTS:-xla pallas}; do
-      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" JAX_ENABLE_COMPILATION_CACHE=false \
-          python3 -m nas_jax.bench $B --config.model.layer_norm=$v --label "stage2 fastest, LN $v" \
-          --json_out "$OUT/layernorm.jsonl" || echo "[layernorm] the $v bench failed: see above" >&2
-    done
-    ;;
   best)
     # The fastest settings measured (docs/PERF.md): tokamax attention in the text and fusion
     # layers, tanh GELU, cuBLAS gemms (Triton gemm autotuning off, so XLA's gemm rewriter fuses
@@ -325,8 +304,7 @@ case "${1:-}" in
     cp runs/best/prof/top_ops.md "$OUT/best_top_ops.md" 2>/dev/null || true
     ;;
   *)
-    parts="ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual"
-    parts="$parts|layernorm|best"
+    parts="ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual|best"
     echo "usage: bash scripts/gpu_measure.sh $parts" >&2
     exit 2
     ;;

@@ -16,10 +16,9 @@ Compared (GPU rows say "n/a on cpu" on a CPU; tokamax rows need `tokamax` instal
 
 * LayerNorm over [64·258, 768] (ViT, eps 1e-6) and [256·26, 768] (fusion, eps 1e-12), float32 in
   and out as the models run it (their residual stream and LayerNorms are float32) and bfloat16 in
-  and out (a bfloat16 residual stream): flax `nn.LayerNorm` (ours), ours with the one-pass
-  backward kernel (`model.layer_norm='pallas'`) and `tokamax.layer_norm` 'xla' and 'triton'.
-  Rate: GB/s on the least traffic of separate forward and backward passes (read x, write y; read
-  x and dy, write dx).
+  and out (a bfloat16 residual stream): flax `nn.LayerNorm` (ours) vs `tokamax.layer_norm`
+  'xla' and 'triton'. Rate: GB/s on the least traffic of separate forward and backward passes
+  (read x, write y; read x and dy, write dx).
 * Attention, bfloat16 [B, T, 12, 64]: ViT self-attention (64 × 258, the pad key masked by length),
   text/fusion self-attention (256 × 26, right-padded keys of random length), cross-attention
   (256 × 26 queries against 258 image keys, the pad masked). Ours
@@ -77,7 +76,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nas_jax.models import attention as attention_lib  # noqa: E402 (the repository root first)
-from nas_jax.models import layer_norm as layer_norm_lib  # noqa: E402
 from nas_jax.models.activations import gelu  # noqa: E402
 
 PARTS = ("ln", "attn", "gelu")
@@ -385,16 +383,8 @@ def flax_layer_norm(eps: float, dtype) -> Callable:
   return lambda x, scale, bias: module.apply({"params": {"scale": scale, "bias": bias}}, x)
 
 
-def pallas_layer_norm(eps: float, dtype) -> Callable:
-  """`model.layer_norm='pallas'`: the same forward, the one-pass backward kernel on a GPU
-  (nas_jax/models/layer_norm.py; its XLA-ops form elsewhere)."""
-  module = layer_norm_lib.LayerNorm(epsilon=eps, dtype=dtype, implementation="pallas")
-  return lambda x, scale, bias: module.apply({"params": {"scale": scale, "bias": bias}}, x)
-
-
 def ln_impls(eps: float, dtype, tokamax, why_not, backend) -> list[Impl]:
-  impls = [Impl("flax (ours)", flax_layer_norm(eps, dtype), ours=True),
-           Impl("ours, pallas backward", pallas_layer_norm(eps, dtype))]
+  impls = [Impl("flax (ours)", flax_layer_norm(eps, dtype), ours=True)]
   for name in TOKAMAX_LN:
     build = lambda n: (lambda x, scale, bias: tokamax.layer_norm(
         x, scale, bias, epsilon=eps, implementation=n))

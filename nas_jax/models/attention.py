@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nas_jax.models import fp8 as fp8_lib
-from nas_jax.sharding import batch_axes_of_mesh
+from nas_jax.sharding import BATCH_AXES
 
 IMPLEMENTATIONS = ("xla", "cudnn", "tokamax")
 
@@ -92,6 +92,16 @@ def _key_lengths(key_mask: jax.Array | None, key_lengths: jax.Array | None) -> j
   return lengths
 
 
+def _batch_axes_of_mesh(batch: int) -> tuple[str, ...]:
+  """The batch axes (size > 1) of the mesh set with `jax.set_mesh` that split `batch` rows
+  evenly; () outside a mesh or for a batch they do not split (the 1-row init pass)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  return axes if batch % int(np.prod([mesh.shape[a] for a in axes])) == 0 else ()
+
+
 def tokamax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       lengths: jax.Array | None) -> jax.Array:
   """tokamax's attention of q [B, Tq, H, Dh] over k, v [B, Tk, H, Dh], keys >= lengths[b]
@@ -106,7 +116,7 @@ def tokamax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return tokamax.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                          implementation=impl)
 
-  axes = batch_axes_of_mesh(q.shape[0])
+  axes = _batch_axes_of_mesh(q.shape[0])
   if not axes:
     return attend(q, k, v, lengths)
   spec = jax.sharding.PartitionSpec(axes)

@@ -29,17 +29,15 @@ from nas_jax.models import fp8 as fp8_lib
 from nas_jax.models import layer_stack
 from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
-from nas_jax.models.layer_norm import LayerNorm
 
 def _normal(config):
   """BERT's normal(initializer_range) init (0.02; larger helps small from-scratch models)."""
   return nn.initializers.normal(stddev=config.get("initializer_range", 0.02))
 
 
-def _layer_norm(config, dtype=jnp.float32, implementation: str = "xla"):
-  """BERT's LayerNorm; statistics in float32, the output in `dtype`; `implementation`: who
-  differentiates it (models/layer_norm.py)."""
-  return LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, implementation=implementation)
+def _layer_norm(config, dtype=jnp.float32):
+  """BERT's LayerNorm; statistics in float32, the output in `dtype`."""
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype)
 
 
 class DenseResidualNorm(nn.Module):
@@ -49,12 +47,11 @@ class DenseResidualNorm(nn.Module):
   dtype: Any = jnp.float32
   fp8: bool = False
   residual_dtype: Any = jnp.float32
-  layer_norm: str = "xla"
 
   def setup(self):
     self.dense = fp8_lib.dense(self.config.hidden_size, fp8=self.fp8, dtype=self.dtype,
                                kernel_init=_normal(self.config))
-    self.LayerNorm = _layer_norm(self.config, self.residual_dtype, self.layer_norm)
+    self.LayerNorm = _layer_norm(self.config, self.residual_dtype)
     self.dropout = nn.Dropout(self.config.hidden_dropout)
 
   def __call__(self, x, residual, deterministic: bool):
@@ -66,13 +63,11 @@ class BertAttention(MultiHeadAttention):
   """Self- or cross-attention block: 'query', 'key', 'value' and 'output' {'dense', 'LayerNorm'}."""
   config: ml_collections.ConfigDict = None
   residual_dtype: Any = jnp.float32
-  layer_norm: str = "xla"
 
   def setup(self):
     super().setup()
     self.output = DenseResidualNorm(self.config, dtype=self.dtype, fp8=self.fp8,
-                                    residual_dtype=self.residual_dtype,
-                                    layer_norm=self.layer_norm)
+                                    residual_dtype=self.residual_dtype)
 
   def __call__(self, hidden, context=None, *, key_mask=None, deterministic=True):
     """hidden [B, L, D]; context [B, Tk, Dk] for cross-attention (None: self); key_mask [B, Tk]."""
@@ -95,15 +90,13 @@ class Intermediate(nn.Module):
 
 class BertLayer(nn.Module):
   """One encoder layer; with `cross_attention` a fusion layer (ALBEF's layers >= fusion_layer).
-  `fp8`: every Dense of the layer in FP8 (models/fp8.py); `layer_norm`: who differentiates its
-  LayerNorms (models/layer_norm.py)."""
+  `fp8`: every Dense of the layer in FP8 (models/fp8.py)."""
   config: ml_collections.ConfigDict
   cross_attention: bool = False
   dtype: Any = jnp.float32
   attention: str = "xla"
   fp8: bool = False
   residual_dtype: Any = jnp.float32
-  layer_norm: str = "xla"
 
   def setup(self):
     c = self.config
@@ -111,14 +104,13 @@ class BertLayer(nn.Module):
         BertAttention, num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
         implementation=self.attention, dropout_rate=c.attention_dropout, fused_qkv=False,
         out_proj=False, kernel_init=_normal(c), config=c, fp8=self.fp8,
-        residual_dtype=self.residual_dtype, layer_norm=self.layer_norm)
+        residual_dtype=self.residual_dtype)
     self.attention_block = make(name="attention")
     if self.cross_attention:
       self.crossattention = make()
     self.intermediate = Intermediate(c, dtype=self.dtype, fp8=self.fp8)
     self.output = DenseResidualNorm(c, dtype=self.dtype, fp8=self.fp8,
-                                    residual_dtype=self.residual_dtype,
-                                    layer_norm=self.layer_norm)
+                                    residual_dtype=self.residual_dtype)
 
   def __call__(self, hidden, mask, image_tokens=None, image_mask=None, deterministic=True):
     """hidden [B, L, D] in the residual stream's dtype; mask [B, L]; image_tokens [B, Ni, Dv];
@@ -141,7 +133,6 @@ class BertEmbeddings(nn.Module):
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
   residual_dtype: Any = jnp.float32
-  layer_norm: str = "xla"
 
   def setup(self):
     c = self.config
@@ -150,7 +141,7 @@ class BertEmbeddings(nn.Module):
     self.word_embeddings = embed(c.vocab_size)
     self.position_embeddings = embed(c.max_position_embeddings)
     self.token_type_embeddings = embed(c.type_vocab_size)
-    self.LayerNorm = _layer_norm(c, self.residual_dtype, self.layer_norm)
+    self.LayerNorm = _layer_norm(c, self.residual_dtype)
     self.dropout = nn.Dropout(c.hidden_dropout)
 
   def __call__(self, ids, deterministic: bool):
@@ -222,8 +213,6 @@ class BertModel(nn.Module):
     residual_dtype: the residual stream between the layers, i.e. the post-norm LayerNorms'
       outputs (`model.residual_dtype`): float32, or bfloat16 for half the memory traffic of the
       residual adds and LayerNorms. Same parameters either way.
-    layer_norm: 'xla' | 'pallas': the LayerNorms' backward from XLA or from one kernel
-      (`model.layer_norm`, models/layer_norm.py). Same function either way.
 
   Masks are int/bool [B, L] with 1 on real tokens. Hidden states returned are float32.
   """
@@ -234,22 +223,19 @@ class BertModel(nn.Module):
   scan_layers: bool = False
   fp8: bool = False
   residual_dtype: Any = jnp.float32
-  layer_norm: str = "xla"
 
   def setup(self):
     c = self.config
     if not 0 <= c.fusion_layer <= c.num_layers:
       raise ValueError(f"bert.fusion_layer={c.fusion_layer} must lie in [0, num_layers="
                        f"{c.num_layers}]")
-    self.embeddings = BertEmbeddings(c, dtype=self.dtype, residual_dtype=self.residual_dtype,
-                                     layer_norm=self.layer_norm)
+    self.embeddings = BertEmbeddings(c, dtype=self.dtype, residual_dtype=self.residual_dtype)
     if self.scan_layers:
       def stack(count: int, cross: bool):
         # `deterministic` (argument 5, counting self) is static under remat: it selects dropout.
         scanned = layer_stack.scanned(ScanLayer, count, remat=self.remat, static_argnums=(5,))
         return scanned(c, cross_attention=cross, dtype=self.dtype, attention=self.attention,
-                       fp8=self.fp8, residual_dtype=self.residual_dtype,
-                       layer_norm=self.layer_norm)
+                       fp8=self.fp8, residual_dtype=self.residual_dtype)
 
       if c.fusion_layer > 0:
         self.text_layers = stack(c.fusion_layer, False)
@@ -259,8 +245,7 @@ class BertModel(nn.Module):
       layer = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
       self.layer = [layer(c, cross_attention=i >= c.fusion_layer, dtype=self.dtype,
                           attention=self.attention, fp8=self.fp8,
-                          residual_dtype=self.residual_dtype, layer_norm=self.layer_norm)
-                    for i in range(c.num_layers)]
+                          residual_dtype=self.residual_dtype) for i in range(c.num_layers)]
     self.cls = MLMHead(c, dtype=self.dtype)
 
   def embed(self, ids: jax.Array, *, train: bool = False) -> jax.Array:

@@ -62,14 +62,12 @@ class NASModel(nn.Module):
     scan = c.get("scan_layers", False)  # Absent from configs saved before the switch: unrolled.
     fp8 = c.get("fp8", False)           # Likewise.
     residual = compute_dtype(c.get("residual_dtype", "float32"), key="model.residual_dtype")
-    layer_norm = c.get("layer_norm", "xla")  # Likewise.
     vit_attention = resolve_implementation(c.vit_attention or c.attention, dtype)
     self.vit = VisionTransformer(config=c.vit, dtype=dtype, remat=c.remat, scan_layers=scan,
-                                 fp8=fp8, attention=vit_attention, residual_dtype=residual,
-                                 layer_norm=layer_norm)
+                                 fp8=fp8, attention=vit_attention, residual_dtype=residual)
     self.bert = BertModel(config=c.bert, dtype=dtype, remat=c.remat, scan_layers=scan, fp8=fp8,
                           attention=resolve_implementation(c.attention, dtype),
-                          residual_dtype=residual, layer_norm=layer_norm)
+                          residual_dtype=residual)
     self.vision_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.text_proj = nn.Dense(c.embed_dim, dtype=dtype)
     self.itm_head = nn.Dense(2, dtype=jnp.float32)

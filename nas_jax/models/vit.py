@@ -28,7 +28,6 @@ from nas_jax.models import fp8 as fp8_lib
 from nas_jax.models import layer_stack
 from nas_jax.models.activations import gelu
 from nas_jax.models.attention import MultiHeadAttention
-from nas_jax.models.layer_norm import LayerNorm
 
 def _trunc_normal(std: float = 0.02):
   """timm's trunc_normal_(std=.02); `vit.init_std` changes it (small from-scratch models)."""
@@ -75,20 +74,16 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
 
   `key_lengths` [B] masks padded tokens (only used when the tokens were padded for cuDNN).
-  `fp8`: its Dense layers (qkv, proj, fc1, fc2) in FP8 (models/fp8.py). `layer_norm`: who
-  differentiates the LayerNorms (models/layer_norm.py). The LayerNorms' outputs are in the compute
-  dtype, which their Dense layers would cast them to anyway (the same numbers as float32 outputs).
+  `fp8`: its Dense layers (qkv, proj, fc1, fc2) in FP8 (models/fp8.py).
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
   attention: str = "xla"
   fp8: bool = False
-  layer_norm: str = "xla"
 
   def setup(self):
     c = self.config
-    norm = functools.partial(LayerNorm, epsilon=c.layer_norm_eps, dtype=self.dtype,
-                             implementation=self.layer_norm)
+    norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, dtype=jnp.float32)
     self.norm1 = norm()
     self.attn = MultiHeadAttention(num_heads=c.num_heads, features=c.hidden_size, dtype=self.dtype,
                                    implementation=self.attention, fused_qkv=True, out_proj=True,
@@ -128,8 +123,6 @@ class VisionTransformer(nn.Module):
     residual_dtype: the residual stream between the blocks (`model.residual_dtype`): float32, or
       bfloat16 for half the memory traffic of the residual adds and LayerNorms. The output is
       float32 either way. Same parameters either way.
-    layer_norm: 'xla' | 'pallas': the LayerNorms' backward from XLA or from one kernel
-      (`model.layer_norm`, models/layer_norm.py). Same function either way.
   """
   config: ml_collections.ConfigDict
   dtype: Any = jnp.float32
@@ -138,7 +131,6 @@ class VisionTransformer(nn.Module):
   scan_layers: bool = False
   fp8: bool = False
   residual_dtype: Any = jnp.float32
-  layer_norm: str = "xla"
 
   def setup(self):
     c = self.config
@@ -152,14 +144,12 @@ class VisionTransformer(nn.Module):
     self.pos_embed = self.param("pos_embed", _trunc_normal(std), (1, 1 + self.num_patches, c.hidden_size))
     if self.scan_layers:
       stack = layer_stack.scanned(ScanBlock, c.num_layers, remat=self.remat)
-      self.blocks = stack(c, dtype=self.dtype, attention=self.attention, fp8=self.fp8,
-                          layer_norm=self.layer_norm)
+      self.blocks = stack(c, dtype=self.dtype, attention=self.attention, fp8=self.fp8)
     else:
       block = nn.remat(Block) if self.remat else Block
-      self.blocks = [block(c, dtype=self.dtype, attention=self.attention, fp8=self.fp8,
-                           layer_norm=self.layer_norm) for _ in range(c.num_layers)]
-    self.norm = LayerNorm(epsilon=c.layer_norm_eps, dtype=jnp.float32,
-                          implementation=self.layer_norm)
+      self.blocks = [block(c, dtype=self.dtype, attention=self.attention, fp8=self.fp8)
+                     for _ in range(c.num_layers)]
+    self.norm = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=jnp.float32)
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Encodes normalised images.
