@@ -25,6 +25,8 @@
 #   bash scripts/gpu_measure.sh residual   # model.residual_dtype: the fastest settings' bench
 #                                          # with a float32 and a bfloat16 residual stream, and
 #                                          # their loss curves (ablation model, from scratch)
+#   bash scripts/gpu_measure.sh gelu       # the tanh GELU's own backward: the fastest settings
+#                                          # bench (bfloat16 residual stream), HLO epilogues counted
 #   bash scripts/gpu_measure.sh best       # the fastest settings: a training run as a user runs
 #                                          # it, then (PROFILE=0: not) the bench with a profile;
 #                                          # BEST_EXTRA: more config flags for both; TRAIN=0: the
@@ -56,6 +58,20 @@ tokamax_env() {
   echo "get_kernel_stats_tool = None  # stub (scripts/gpu_measure.sh)" > /tmp/xprof_stub/xprof/cli/tools.py
   echo "[gpu_measure] xprof is a stub here: /tmp/xprof_stub"
   export PYTHONPATH=${PYTHONPATH:-$PWD}:/tmp/xprof_stub
+}
+
+hlo_counts() {
+  # hlo_counts NAME FILE: the cuBLASLt epilogues, custom-call targets and fusion kinds of the
+  # optimised train-step HLO dumped to runs/hlo_NAME, appended to FILE.
+  local name=$1 hlo
+  for hlo in runs/hlo_$name/*train_step*after_optimizations.txt; do
+    [ -f "$hlo" ] || continue
+    { echo "$name: $(basename "$hlo")"
+      grep -o '"epilogue":"[A-Z_]*"' "$hlo" | sort | uniq -c || true
+      grep -o 'custom_call_target="[^"]*"' "$hlo" | sort | uniq -c || true
+      grep -o '"kind":"__[a-z_]*"' "$hlo" | sort | uniq -c || true
+    } | tee -a "$2"
+  done
 }
 
 loss_curves() {
@@ -202,14 +218,7 @@ case "${1:-}" in
           JAX_ENABLE_COMPILATION_CACHE=false python3 -m nas_jax.bench $B "$@" \
           --label "stage2 tokamax $name" --json_out "$OUT/fusions.jsonl" \
           || echo "[fusions] $name failed: see above" >&2
-      for hlo in runs/hlo_$name/*train_step*after_optimizations.txt; do
-        [ -f "$hlo" ] || continue
-        { echo "$name: $(basename "$hlo")"
-          grep -o '"epilogue":"[A-Z_]*"' "$hlo" | sort | uniq -c || true
-          grep -o 'custom_call_target="[^"]*"' "$hlo" | sort | uniq -c || true
-          grep -o '"kind":"__[a-z_]*"' "$hlo" | sort | uniq -c || true
-        } | tee -a "$OUT/fusions.txt"
-      done
+      hlo_counts "$name" "$OUT/fusions.txt"
     }
     for v in ${VARIANTS:-exact tanh tanh_cublas exact_cublas exact_triton_any}; do
       case $v in
@@ -275,6 +284,23 @@ case "${1:-}" in
     [ "${CURVES:-1}" = 1 ] || exit 0
     loss_curves residual model.residual_dtype float32=float32 bfloat16=bfloat16
     ;;
+  gelu)
+    # The tanh GELU with its own backward (models/activations.py), which leaves the training
+    # forward's GELU to the matmul's cuBLASLt epilogue (BIAS_GELU_AUX): the stage-2 bench with the
+    # fastest settings and the bfloat16 residual stream, no compilation cache, its optimised HLO
+    # dumped and counted in gelu.txt. LABEL names the row (the control: the same part run at the
+    # commit before the change).
+    tokamax_env
+    name=gelu_${LABEL:-new}
+    rm -rf "runs/hlo_$name"
+    dump="--xla_dump_to=runs/hlo_$name --xla_dump_hlo_module_re=train_step"
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false $dump" JAX_ENABLE_COMPILATION_CACHE=false \
+        python3 -m nas_jax.bench --config configs/stage2.py --batch 64 --steps 25 --warmup 3 \
+        --config.model.attention=tokamax --config.model.vit.gelu=tanh --config.model.bert.gelu=tanh \
+        --config.model.residual_dtype=bfloat16 --label "stage2 fastest, residual bf16, $name" \
+        --json_out "$OUT/gelu.jsonl" || echo "[gelu] the $name bench failed: see above" >&2
+    hlo_counts "$name" "$OUT/gelu.txt"
+    ;;
   best)
     # The fastest settings measured (docs/PERF.md): tokamax attention in the text and fusion
     # layers, tanh GELU, cuBLAS gemms (Triton gemm autotuning off, so XLA's gemm rewriter fuses
@@ -304,7 +330,8 @@ case "${1:-}" in
     cp runs/best/prof/top_ops.md "$OUT/best_top_ops.md" 2>/dev/null || true
     ;;
   *)
-    parts="ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual|best"
+    parts="ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual"
+    parts="$parts|gelu|best"
     echo "usage: bash scripts/gpu_measure.sh $parts" >&2
     exit 2
     ;;
