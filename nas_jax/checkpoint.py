@@ -45,7 +45,7 @@ NOT_SHAPE_KEYS = ("model.dtype", "model.attention", "model.vit_attention", "mode
                   "model.bert.attention_dropout", "model.dictionary.momentum",
                   "model.dictionary.frozen", "model.dictionary.reuse_gate",
                   "model.dictionary.init", "model.dictionary.init_std", "model.fp8",
-                  "model.residual_dtype")
+                  "model.residual_dtype", "model.dictionary.distances")
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
       reuse_gate=True,    # NVA negative mixes with the positive's gate weights (authors' code).
       frozen=False,       # True: no eq. 2 update, the codebook keeps its loaded values (the
                           # authors' code after stage 1; the paper updates it throughout).
+      distances='float32',  # Patch-to-code product: 'float32', or 'tf32' (TF32 tensor cores on
+                            # NVIDIA GPUs, as the authors' PyTorch 1.8 on Ampere; near-tie codes
+                            # may differ; models/dictionary.py, docs/PERF.md).
   ))
   c.model.dtype = 'float32'          # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   c.model.attention = 'xla'          # 'xla' | 'cudnn' | 'tokamax' | 'auto' (cudnn on GPU with
@@ -291,6 +294,7 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
   from nas_jax.data.sources import SOURCES
   from nas_jax.models.activations import GELU_KINDS
   from nas_jax.models.attention import IMPLEMENTATIONS
+  from nas_jax.models.dictionary import DISTANCES
   attention = IMPLEMENTATIONS + ("auto",)
   return {
       "nonfinite": ("stop", "skip"),
@@ -301,6 +305,7 @@ def _choices(c: ml_collections.ConfigDict) -> dict[str, tuple]:
       "model.vit.gelu": GELU_KINDS,
       "model.bert.gelu": GELU_KINDS,
       "model.dictionary.init": ("normal", "data"),
+      "model.dictionary.distances": DISTANCES,
       "nva.scope": ("image", "primary"),
       "nva.norm": ("l2", "max"),
       "data.source": SOURCES,

@@ -186,3 +186,31 @@ def test_negative_tokens_use_the_given_codebook_and_pass_no_gradient_to_inputs()
   grads = jax.grad(f, argnums=(0, 1, 2))(aux['q'], aux['f'], book)
   assert all(np.all(np.asarray(g) == 0) for g in grads)
   assert not np.isclose(f(aux['q'], aux['f'], book), f(aux['q'], aux['f'], book + 1.0))
+
+
+def test_tf32_distances_switch_reaches_the_product(monkeypatch):
+  """model.dictionary.distances='tf32': the patch-to-code product runs with TF32 tensor cores on a
+  GPU (traced as if on one: the jaxpr's dot carries the TF32 algorithm) and in float32 elsewhere,
+  where it assigns the same codes; the NAS model passes the config key down; a bad name is named."""
+  from nas_jax.models import dictionary
+  from nas_jax.models.nas import NASModel
+  from step_utils import tiny_config
+  assert dictionary.distance_precision('tf32', 'gpu') == jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+  for distances, backend in (('tf32', 'cpu'), ('tf32', 'tpu'), ('float32', 'gpu')):
+    assert dictionary.distance_precision(distances, backend) == jax.lax.Precision.HIGHEST
+  with pytest.raises(ValueError, match=r"model.dictionary.distances='bf16': use one of"):
+    dictionary.distance_precision('bf16')
+
+  vd, variables, patches = _hand_vd()
+  run = lambda distances: vd.clone(distances=distances).apply(
+      variables, patches, update=False, method=VisualDictionary.quantize)
+  np.testing.assert_array_equal(run('tf32')['codes'], run('float32')['codes'])  # CPU: float32.
+
+  c = tiny_config(**{"model.dictionary.distances": "tf32"})
+  model = NASModel(c.model)
+  images = jnp.zeros((1, c.model.vit.image_size, c.model.vit.image_size, 3))
+  tokens = lambda m, images: m.dictionary_tokens(m.encode_image(images)["embeds"])
+  variables = model.init(jax.random.PRNGKey(0), images, method=tokens)
+  monkeypatch.setattr(dictionary.jax, "default_backend", lambda: "gpu")
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, method=tokens))(variables)
+  assert "precision=TF32_TF32_F32" in str(jaxpr)

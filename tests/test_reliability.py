@@ -86,6 +86,8 @@ def _copy(reference, tmp_path) -> pathlib.Path:
     ("model.vit_attention", "flash", r"config.model.vit_attention='flash': use one of '', 'xla'"),
     ("model.vit.gelu", "fast", r"config.model.vit.gelu='fast': use one of 'exact', 'tanh'"),
     ("model.dictionary.init", "zeros", r"'normal', 'data'"),
+    ("model.dictionary.distances", "bf16",
+     r"config.model.dictionary.distances='bf16': use one of 'float32', 'tf32'"),
     ("data.source", "coco", r"config.data.source='coco': use one of 'synthetic', 'albef_json'"),
     ("data.augment", "heavy", r"'auto', 'full', 'flip', 'none'"),
     ("data.image_dtype", "float16", r"'float32', 'uint8'"),
@@ -110,7 +112,9 @@ def test_numerics_switches_may_change_on_resume_shapes_may_not():
   saved = checkpoint.config_to_dict(_cfg())
   checkpoint.check_compatible(saved, _cfg(**{"model.residual_dtype": "bfloat16",
                                              "model.vit.gelu": "tanh", "model.bert.gelu": "tanh",
-                                             "model.fp8": True}), "a float32-stream run")
+                                             "model.fp8": True,
+                                             "model.dictionary.distances": "tf32"}),
+                              "a float32-stream run")
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"model.embed_dim"):
     checkpoint.check_compatible(saved, _cfg(**{"model.embed_dim": 32}), "a width-64 run")
 

@@ -38,7 +38,11 @@ Choices where the paper is silent (recorded here, switchable where it matters):
     `init='data'`: the first update first overwrites the codebook with the batch's features (see
     `data_init`), then assigns against it and applies eq. 2, so no step sees the random codebook.
   * Distances use `precision=HIGHEST` so the argmin is the true nearest code on GPUs/TPUs too
-    (TF32/bf16 passes would otherwise flip near-ties).
+    (TF32/bf16 passes would otherwise flip near-ties). `distances='tf32'` (a speed switch,
+    `model.dictionary.distances`) computes the [B·N, C] × [C, m] product with TF32 tensor cores on
+    NVIDIA GPUs, as PyTorch 1.7-1.11 did by default on Ampere for the authors' float32 `matmul`
+    (ALBEF pins PyTorch 1.8; PyTorch >= 1.12 no longer does): codes of near-ties may differ from
+    the float32 choice. Elsewhere 'tf32' is 'float32'.
 """
 
 from __future__ import annotations
@@ -80,11 +84,25 @@ def sincos_2d(grid: tuple[int, int], dim: int) -> Array:
   return jnp.concatenate([py, px], axis=-1).reshape(h * w, dim)
 
 
-def pairwise_sq_dist(a: Array, b: Array) -> Array:
-  """||a_i - b_j||^2 as ||a||^2 - 2 a.b + ||b||^2, float32: a [P, C], b [m, C] -> [P, m]."""
+DISTANCES = ('float32', 'tf32')
+
+
+def distance_precision(distances: str = 'float32', backend: str | None = None):
+  """The product's precision: float32 (HIGHEST), or for 'tf32' TF32 tensor cores on an NVIDIA
+  GPU (`backend` defaults to jax.default_backend(); elsewhere float32)."""
+  if distances not in DISTANCES:
+    raise ValueError(f"model.dictionary.distances={distances!r}: use one of {DISTANCES}")
+  if distances == 'tf32' and (backend or jax.default_backend()) in ('gpu', 'cuda'):
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+  return jax.lax.Precision.HIGHEST
+
+
+def pairwise_sq_dist(a: Array, b: Array, distances: str = 'float32') -> Array:
+  """||a_i - b_j||^2 as ||a||^2 - 2 a.b + ||b||^2, float32: a [P, C], b [m, C] -> [P, m];
+  the product's precision by `distance_precision(distances)`."""
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
-  ab = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  ab = jnp.dot(a, b.T, precision=distance_precision(distances))
   return jnp.sum(a * a, -1, keepdims=True) - 2.0 * ab + jnp.sum(b * b, -1)[None, :]
 
 
@@ -158,6 +176,7 @@ class VisualDictionary(nn.Module):
     init: 'normal' or 'data' (see module docstring).
     init_std: standard deviation of the 'normal' codebook.
     dtype: compute dtype of the Linear layers (statistics, distances and LayerNorms are float32).
+    distances: 'float32' or 'tf32', the patch-to-code product's precision (module docstring).
     grid: patch grid (h, w) for the position embedding; None: square, h = w = sqrt(N).
 
   Note: the field `init` (named as the config key `model.dictionary.init`) shadows `Module.init`
@@ -173,10 +192,12 @@ class VisualDictionary(nn.Module):
   init_std: float = 1.0
   dtype: Any = jnp.float32
   grid: tuple[int, int] | None = None
+  distances: str = 'float32'
 
   def setup(self):
     if self.init not in ('normal', 'data'):
       raise ValueError(f"model.dictionary.init={self.init!r}: use 'normal' or 'data'")
+    distance_precision(self.distances)  # A bad name fails here, not at the first call.
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
                                      kernel_init=nn.initializers.xavier_normal())
     if self.input_proj:
@@ -234,7 +255,7 @@ class VisualDictionary(nn.Module):
       codebook = jnp.where(self.ready_var.value, codebook, fresh)
       self.ready_var.value = jnp.ones((), jnp.bool_)
 
-    dist = pairwise_sq_dist(jax.lax.stop_gradient(flat), codebook)       # [B*N, m]
+    dist = pairwise_sq_dist(jax.lax.stop_gradient(flat), codebook, self.distances)  # [B*N, m]
     codes = jnp.argmin(dist, axis=-1).astype(jnp.int32)
     nearest = jnp.take(codebook, codes, axis=0)                          # [B*N, dim]
     q = flat + jax.lax.stop_gradient(nearest - flat)

@@ -76,7 +76,8 @@ class NASModel(nn.Module):
       d = c.dictionary
       self.dictionary = VisualDictionary(
           size=d.size, dim=c.vit.hidden_size, momentum=d.momentum, gate=d.gate,
-          input_proj=d.input_proj, init=d.init, init_std=d.init_std, dtype=dtype, grid=(grid, grid))
+          input_proj=d.input_proj, init=d.init, init_std=d.init_std, dtype=dtype, grid=(grid, grid),
+          distances=d.get("distances", "float32"))  # Absent from configs saved before it existed.
 
   # ------------------------------------------------------------------ unimodal encoders
   def encode_image(self, images: jax.Array, *, train: bool = False) -> dict:
