@@ -25,6 +25,7 @@
 #   bash scripts/gpu_measure.sh residual   # model.residual_dtype: the fastest settings' bench
 #                                          # with a float32 and a bfloat16 residual stream, and
 #                                          # their loss curves (ablation model, from scratch)
+#   bash scripts/gpu_measure.sh distances  # model.dictionary.distances: float32 and TF32 loss curves
 #   bash scripts/gpu_measure.sh gelu       # the tanh GELU's own backward: the fastest settings
 #                                          # bench (bfloat16 residual stream), HLO epilogues counted
 #   bash scripts/gpu_measure.sh best       # the fastest settings: a training run as a user runs
@@ -273,16 +274,21 @@ case "${1:-}" in
     tokamax_env
     B="--config configs/stage2.py --batch 64 --steps 25 --warmup 3 --config.model.attention=tokamax
        --config.model.vit.gelu=tanh --config.model.bert.gelu=tanh"
-    gemms=--xla_gpu_enable_triton_gemm=false
-    [ "${GEMMS:-cublas}" = default ] && gemms=""
+    flags=${XLA_FLAGS:-}  # XLA reads a blank XLA_FLAGS as a file name: never leave it " ".
+    [ "${GEMMS:-cublas}" = default ] || flags="$flags --xla_gpu_enable_triton_gemm=false"
     for r in ${RESIDUALS:-float32 bfloat16}; do
-      XLA_FLAGS="${XLA_FLAGS:-} $gemms" python3 -m nas_jax.bench $B \
+      XLA_FLAGS="$flags" python3 -m nas_jax.bench $B \
           --config.model.residual_dtype=$r \
           --label "stage2 fastest, residual $r, ${GEMMS:-cublas} gemms" \
           --json_out "$OUT/residual.jsonl" || echo "[residual] the $r bench failed: see above" >&2
     done
     [ "${CURVES:-1}" = 1 ] || exit 0
     loss_curves residual model.residual_dtype float32=float32 bfloat16=bfloat16
+    ;;
+  distances)
+    # model.dictionary.distances='tf32' (the dictionary's patch-to-code product on TF32 tensor
+    # cores): loss curves of the float32 and TF32 products side by side (loss_curves above).
+    loss_curves distances model.dictionary.distances float32=float32 tf32=tf32
     ;;
   gelu)
     # The tanh GELU with its own backward (models/activations.py), which leaves the training
@@ -331,7 +337,7 @@ case "${1:-}" in
     ;;
   *)
     parts="ablation|bench|eval|startup|scaling|fp8|kernels|tokamax|fusions|round3|residual"
-    parts="$parts|gelu|best"
+    parts="$parts|distances|gelu|best"
     echo "usage: bash scripts/gpu_measure.sh $parts" >&2
     exit 2
     ;;
