@@ -94,11 +94,13 @@ def synthetic_batch(config, batch_size: int, sharding, seed: int = 0) -> dict:
 
 
 def dtype_label(config) -> str:
-  """The compute dtype, and the residual stream's where it differs: 'bfloat16 (residual
-  bfloat16)'."""
+  """The compute dtype, with the numerics switches that are not float32: 'bfloat16 (residual
+  bfloat16, distances tf32)'."""
   m = config.model
-  residual = m.get("residual_dtype", "float32")
-  return m.dtype if residual == "float32" else f"{m.dtype} (residual {residual})"
+  notes = [f"{name} {value}" for name, value in (
+      ("residual", m.get("residual_dtype", "float32")),
+      ("distances", m.dictionary.get("distances", "float32"))) if value != "float32"]
+  return f"{m.dtype} ({', '.join(notes)})" if notes else m.dtype
 
 
 def attention_label(config) -> str:

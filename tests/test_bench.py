@@ -128,6 +128,15 @@ def test_bench_cli_on_tiny_config(tmp_path):
   assert "| # | HLO op |" in top and "jit(train_step)" in top
 
 
+def test_dtype_column_names_the_numerics_switches():
+  """The table's dtype column says which numerics switches a row ran with."""
+  assert bench.dtype_label(tiny_config(**{"model.dtype": "bfloat16"})) == "bfloat16"
+  c = tiny_config(**{"model.dtype": "bfloat16", "model.residual_dtype": "bfloat16"})
+  assert bench.dtype_label(c) == "bfloat16 (residual bfloat16)"
+  c.model.dictionary.distances = "tf32"
+  assert bench.dtype_label(c) == "bfloat16 (residual bfloat16, distances tf32)"
+
+
 def test_bench_rejects_a_batch_that_does_not_fill_the_queue():
   c = tiny_config()
   with pytest.raises(ValueError, match="queue_size=512 must be a positive multiple"):

@@ -15,7 +15,7 @@ then writes beside the GELU as its "aux" output) and recomputes the derivative f
 
     gelu'(x) = ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²),   t = tanh(u)           (2)
 
-The same function; the gradient equals autodiff's to rounding (tests/test_vit.py).
+The same function; the gradient equals autodiff's to rounding (tests/test_activations.py).
 """
 
 from __future__ import annotations
